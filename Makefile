@@ -1,0 +1,53 @@
+# Every target that needs Python creates .venv and installs the pinned dependencies first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+CAMSERVE := $(VENV)/bin/camserve
+INSTALLED := $(VENV)/.installed
+SHAPES_FILES := $(wildcard models/shapes/*)
+CORE_FILES := $(shell find camserve handlers -name '*.py' -o -name '*.json' 2>/dev/null)
+
+.PHONY: serve stop test lint format train evaluate archive venv clean
+
+venv: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+model_store/shapes.mar: $(INSTALLED) $(SHAPES_FILES) $(CORE_FILES)
+	$(CAMSERVE) archive --model-dir models/shapes --name shapes --export-path model_store
+
+archive: model_store/shapes.mar
+
+serve: model_store/shapes.mar
+	$(CAMSERVE) serve
+
+stop: $(INSTALLED)
+	$(CAMSERVE) stop
+
+test: model_store/shapes.mar
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(INSTALLED)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# Reproduces models/shapes/shapes.pt (see models/shapes/training.json for the record).
+train: $(INSTALLED)
+	$(PY) -m camserve.shapes.train --seed 0 --out models/shapes
+	$(PY) -m camserve.shapes.evaluate --model-dir models/shapes
+
+evaluate: $(INSTALLED)
+	$(PY) -m camserve.shapes.evaluate --model-dir models/shapes
+
+clean:
+	rm -rf .run model_store/*.mar

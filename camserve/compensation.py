@@ -1,0 +1,172 @@
+"""Is a per-channel shift at the target layer an exact reparameterisation of the network?
+
+At load time we follow the forward pass from the target layer to the first affine layer
+that runs after it, then build the compensated network for real: a hook adds delta to the
+layer's output and that affine layer's bias absorbs it. If the outputs match the original
+on random inputs (relative tolerance ``RELATIVE_TOLERANCE``), the shift is ``compensable``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+RELATIVE_TOLERANCE = 1e-4
+_AFFINE = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
+
+
+@dataclass(frozen=True)
+class CompensationReport:
+    compensable: bool
+    absorbing_layer: str | None
+    worst_relative_change: float | None
+    tolerance: float
+    reason: str
+
+    def log_line(self, layer_name: str) -> str:
+        return (
+            f"target layer {layer_name!r}: compensable={self.compensable} "
+            f"(absorbing layer {self.absorbing_layer!r}, worst relative output change "
+            f"{self.worst_relative_change}, tolerance {self.tolerance}): {self.reason}"
+        )
+
+
+def leaf_modules_after(model: nn.Module, layer_name: str, example: Tensor) -> list[str]:
+    """Names of leaf modules in the order they start running after the target layer ends."""
+    target = model.get_submodule(layer_name)
+    order: list[str] = []
+    state = {"after": False}
+    handles = [target.register_forward_hook(lambda *_: state.__setitem__("after", True))]
+    for name, module in model.named_modules():
+        if name and not any(True for _ in module.children()):
+            handles.append(module.register_forward_pre_hook(_recorder(name, order, state)))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def _recorder(name: str, order: list[str], state: dict):
+    def record(module: nn.Module, inputs: tuple) -> None:
+        if state["after"]:
+            order.append(name)
+
+    return record
+
+
+def find_absorbing_layer(model: nn.Module, layer_name: str, example: Tensor) -> str | None:
+    """The first affine layer (Linear, Conv2d, BatchNorm2d) that runs after the target."""
+    for name in leaf_modules_after(model, layer_name, example):
+        module = model.get_submodule(name)
+        if isinstance(module, nn.BatchNorm2d) or (
+            isinstance(module, _AFFINE) and module.bias is not None
+        ):
+            return name
+    return None
+
+
+def add_shift(model: nn.Module, layer_name: str, delta: Tensor):
+    """Hook that adds ``delta`` (one constant per channel) to the layer's output."""
+    shift = delta.reshape(1, -1, 1, 1)
+    return model.get_submodule(layer_name).register_forward_hook(
+        lambda module, inputs, output: output + shift.to(output)
+    )
+
+
+def compensated_copy(
+    model: nn.Module, layer_name: str, delta: Tensor, example: Tensor, absorbing_layer: str
+) -> nn.Module:
+    """A copy of ``model`` whose target layer outputs A + delta and whose absorbing layer's
+    bias is changed so that the network's outputs would be unchanged if the path between
+    them commutes with per-channel constants."""
+    shifted = copy.deepcopy(model).eval()
+    absorbing = shifted.get_submodule(absorbing_layer)
+    seen: list[Tensor] = []
+    capture = absorbing.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0]))
+    try:
+        with torch.no_grad():
+            shifted(example[:1])
+            handle = add_shift(shifted, layer_name, delta)
+            shifted(example[:1])
+    finally:
+        capture.remove()
+    input_shift = (seen[1] - seen[0])[0]
+    with torch.no_grad():
+        _absorb(absorbing, input_shift)
+    del handle  # the shift hook stays on the copy for good
+    return shifted
+
+
+def _absorb(layer: nn.Module, input_shift: Tensor) -> None:
+    if isinstance(layer, nn.Linear):
+        layer.bias -= layer.weight @ input_shift
+    elif isinstance(layer, nn.BatchNorm2d):
+        # Moving the running mean is the same as bias -= weight * d / sqrt(var + eps).
+        layer.running_mean += input_shift.mean(dim=(1, 2))
+    elif isinstance(layer, nn.Conv2d):
+        response = F.conv2d(
+            input_shift[None],
+            layer.weight,
+            None,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+        )[0]
+        h, w = response.shape[-2:]
+        # Exact only without zero padding; then every position has the same response.
+        layer.bias -= response[:, h // 2, w // 2]
+    else:
+        raise TypeError(f"cannot absorb a shift into {type(layer).__name__}")
+
+
+def relative_change(reference: Tensor, other: Tensor) -> float:
+    scale = reference.abs().max().clamp_min(1e-12)
+    return float((other - reference).abs().max() / scale)
+
+
+def probe_compensable(
+    model: nn.Module,
+    layer_name: str,
+    input_size: tuple[int, int],
+    tolerance: float = RELATIVE_TOLERANCE,
+    seed: int = 0,
+) -> CompensationReport:
+    """Build the compensated network for a random shift and compare it on random inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    probe = torch.randn(4, 3, *input_size, generator=generator)
+    model = model.eval()
+    absorbing = find_absorbing_layer(model, layer_name, probe[:1])
+    if absorbing is None:
+        return CompensationReport(
+            False, None, None, tolerance, "no affine layer with a bias runs after the target"
+        )
+    activations: list[Tensor] = []
+    target = model.get_submodule(layer_name)
+    capture = target.register_forward_hook(lambda m, i, out: activations.append(out.detach()))
+    try:
+        with torch.no_grad():
+            original = model(probe)
+    finally:
+        capture.remove()
+    spread = activations[0].std(dim=(0, 2, 3))
+    spread = torch.where(spread > 0, spread, activations[0].std().clamp_min(1e-3))
+    delta = torch.randn(spread.shape, generator=generator) * spread
+    shifted = compensated_copy(model, layer_name, delta, probe, absorbing)
+    with torch.no_grad():
+        change = relative_change(original, shifted(probe))
+    ok = change <= tolerance
+    reason = (
+        f"{absorbing}'s bias absorbs the shift exactly"
+        if ok
+        else f"the path to {absorbing} does not commute with a per-channel shift "
+        "(a nonlinearity, normalisation, padding or skip connection comes first)"
+    )
+    return CompensationReport(ok, absorbing, change, tolerance, reason)

@@ -1,0 +1,91 @@
+"""bytes -> RGB image, with a clear error for anything that is not a safe raster image."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from camserve.errors import (
+    EMPTY_BODY,
+    IMAGE_TOO_LARGE,
+    UNDECODABLE_IMAGE,
+    UNSUPPORTED_FORMAT,
+    input_error,
+)
+
+# Raster formats we decode. Everything else (SVG, PDF, HTML, ...) is refused before PIL
+# tries a plugin on it: fewer decoders means fewer parsers exposed to hostile bytes.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# A truncated file must fail, not decode into grey padding.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_TEXT_PREFIXES = (b"<", b"{", b"[", b"%PDF", b"#!")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes to an upright RGB image, or raise ``InputError``."""
+    if not data:
+        raise input_error(EMPTY_BODY, "the request carried no image bytes")
+    if data.lstrip()[:5].startswith(_TEXT_PREFIXES):
+        raise input_error(
+            UNSUPPORTED_FORMAT,
+            "the body looks like text/markup (SVG, HTML, JSON?); send a raster image: "
+            + ", ".join(ACCEPTED_FORMATS),
+        )
+    try:
+        with warnings.catch_warnings():
+            # PIL's bomb warning would only log; our own pixel limit below decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        raise input_error(
+            UNDECODABLE_IMAGE,
+            "the bytes are not a recognised image; accepted formats: "
+            + ", ".join(ACCEPTED_FORMATS),
+        ) from None
+    except Image.DecompressionBombError as err:
+        raise input_error(IMAGE_TOO_LARGE, str(err)) from None
+    except Exception as err:  # noqa: BLE001 - any parser failure is the client's bytes
+        raise input_error(UNDECODABLE_IMAGE, f"cannot read image header: {err}") from None
+
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise input_error(UNDECODABLE_IMAGE, f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise input_error(
+            IMAGE_TOO_LARGE,
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+        )
+    try:
+        image.load()  # first frame only for animated formats
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except Image.DecompressionBombError as err:
+        raise input_error(IMAGE_TOO_LARGE, str(err)) from None
+    except Exception as err:  # noqa: BLE001 - truncated/corrupt data surfaces as many types
+        raise input_error(
+            UNDECODABLE_IMAGE, f"{image.format} data is corrupt or truncated: {err}"
+        ) from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparency is composited over white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # PIL's convert() clips 16/32-bit values at 255 instead of rescaling them.
+        array = np.asarray(image).astype(np.int64)
+        full_scale = 65535 if image.mode.startswith("I;16") or array.max() > 255 else 255
+        image = Image.fromarray((array * 255 // full_scale).clip(0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

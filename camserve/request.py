@@ -1,0 +1,155 @@
+"""TorchServe request item -> (image bytes, options).
+
+An item is the dict TorchServe hands the handler for one HTTP request:
+raw bytes arrive as ``{"body": b"..."}``, a multipart form as one key per field, and a
+JSON body (``Content-Type: application/json``) arrives already parsed, or as bytes when
+it was not valid JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+
+from camserve.errors import (
+    BAD_OPTION,
+    EMPTY_BODY,
+    INVALID_BASE64,
+    INVALID_JSON,
+    MISSING_IMAGE,
+    UNKNOWN_OPTION,
+    input_error,
+)
+
+IMAGE_FIELDS = ("data", "body", "image", "file", "instances")
+OPTION_FIELDS = ("target", "topk", "images")
+MAX_TOPK = 1000
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    target: int | str | None = None
+    topk: int | None = None
+    images: bool = False
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    image: bytes
+    options: RequestOptions
+
+
+def parse_item(item: dict, json_content: bool = False) -> ParsedRequest:
+    """Split one request item into image bytes and validated options."""
+    if not isinstance(item, dict) or not item:
+        raise input_error(EMPTY_BODY, "the request carried no data")
+    fields = dict(item)
+    if len(fields) == 1 and next(iter(fields)) in ("body", "data"):
+        payload = next(iter(fields.values()))
+        if isinstance(payload, dict):
+            return _from_json_object(payload)
+        if isinstance(payload, list):
+            raise input_error(INVALID_JSON, "a JSON body must be an object, not a list")
+        if json_content and isinstance(payload, bytes | bytearray | str):
+            _reject_bad_json(payload)
+        return ParsedRequest(image=_as_bytes(payload), options=RequestOptions())
+    return _from_form(fields)
+
+
+def _reject_bad_json(payload: bytes | bytearray | str) -> None:
+    try:
+        json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise input_error(INVALID_JSON, f"the body is not valid JSON: {err}") from None
+    raise input_error(INVALID_JSON, "a JSON body must be an object with an 'image' field")
+
+
+def _from_json_object(body: dict) -> ParsedRequest:
+    image_keys = [k for k in ("image", "data", "b64") if k in body]
+    unknown = sorted(set(body) - set(OPTION_FIELDS) - {"image", "data", "b64"})
+    if unknown:
+        raise input_error(
+            UNKNOWN_OPTION,
+            f"unknown field(s) {unknown}; a JSON body takes 'image' (base64) and the "
+            f"options {list(OPTION_FIELDS)}",
+        )
+    if len(image_keys) != 1:
+        raise input_error(MISSING_IMAGE, "a JSON body needs exactly one 'image' field (base64)")
+    encoded = body[image_keys[0]]
+    if isinstance(encoded, dict) and "b64" in encoded:  # TF-serving style {"b64": "..."}
+        encoded = encoded["b64"]
+    return ParsedRequest(image=decode_base64(encoded), options=parse_options(body))
+
+
+def _from_form(fields: dict) -> ParsedRequest:
+    image_keys = [k for k in fields if k in IMAGE_FIELDS]
+    unknown = sorted(set(fields) - set(IMAGE_FIELDS) - set(OPTION_FIELDS))
+    if unknown:
+        raise input_error(
+            UNKNOWN_OPTION,
+            f"unknown form field(s) {unknown}; send the image as 'data' and the options "
+            f"{list(OPTION_FIELDS)}",
+        )
+    if len(image_keys) != 1:
+        raise input_error(MISSING_IMAGE, "a form needs exactly one image field ('data')")
+    options = {k: _form_value(v) for k, v in fields.items() if k in OPTION_FIELDS}
+    return ParsedRequest(image=_as_bytes(fields[image_keys[0]]), options=parse_options(options))
+
+
+def _form_value(value):
+    if isinstance(value, bytes | bytearray):
+        try:
+            return value.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise input_error(BAD_OPTION, "option values must be UTF-8 text") from None
+    return value
+
+
+def _as_bytes(value) -> bytes:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    raise input_error(MISSING_IMAGE, f"expected image bytes, got {type(value).__name__}")
+
+
+def decode_base64(encoded) -> bytes:
+    if not isinstance(encoded, str) or not encoded:
+        raise input_error(INVALID_BASE64, "'image' must be a non-empty base64 string")
+    if encoded.startswith("data:") and "," in encoded:  # data URL
+        encoded = encoded.split(",", 1)[1]
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise input_error(INVALID_BASE64, f"'image' is not valid base64: {err}") from None
+
+
+def parse_options(raw: dict) -> RequestOptions:
+    target = raw.get("target")
+    if target is not None and not isinstance(target, int | str) or isinstance(target, bool):
+        raise input_error(BAD_OPTION, f"'target' must be a class index or label, got {target!r}")
+    if isinstance(target, str) and not target:
+        target = None
+    return RequestOptions(
+        target=target, topk=_parse_topk(raw.get("topk")), images=_parse_flag(raw.get("images"))
+    )
+
+
+def _parse_topk(value) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_TOPK:
+        raise input_error(BAD_OPTION, f"'topk' must be an integer from 1 to {MAX_TOPK}, got {value!r}")
+    return value
+
+
+def _parse_flag(value) -> bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no", ""):
+        return value.lower() in ("true", "1", "yes")
+    raise input_error(BAD_OPTION, f"'images' must be true or false, got {value!r}")

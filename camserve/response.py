@@ -1,0 +1,74 @@
+"""(logits, map, score) -> the JSON response, whose contract is ``schema/response.schema.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from camserve.explainer import ExplainedImage
+
+SCHEMA_PATH = Path(__file__).with_name("schema") / "response.schema.json"
+MAP_DECIMALS = 4
+
+
+def load_schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def explanation_json(
+    explained: ExplainedImage, labels: list[str], target_layer: str, model_name: str
+) -> dict:
+    probabilities = explained.probabilities
+    top = torch.topk(probabilities, explained.topk)
+    grad_cam = explained.grad_cam
+    peak = float(grad_cam.max())
+    normalised = grad_cam / peak if peak > 0 else grad_cam
+    h, w = grad_cam.shape
+    score = explained.zero_reference
+    target = explained.target
+    return {
+        "model": model_name,
+        "predictions": [
+            {"index": int(i), "label": labels[int(i)], "probability": round(float(p), 6)}
+            for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        ],
+        "explained": {
+            "index": target,
+            "label": labels[target],
+            "probability": round(float(probabilities[target]), 6),
+            "requested": explained.requested,
+        },
+        "target_layer": target_layer,
+        "input_size": list(explained.prepared.tensor.shape[-2:]),
+        "grad_cam": {
+            "shape": [h, w],
+            "empty": peak <= 0,
+            "map": _rounded_rows(normalised),
+        },
+        "zero_reference": _rounded(asdict(score)),
+    }
+
+
+def _rounded_rows(grid: torch.Tensor) -> list[list[float]]:
+    # Rounding in torch, then tolist(): far cheaper than formatting floats one by one.
+    return torch.round(grid.double(), decimals=MAP_DECIMALS).tolist()
+
+
+def _rounded(block: dict) -> dict:
+    return {
+        key: (
+            _rounded(value)
+            if isinstance(value, dict)
+            else round(value, 6)
+            if isinstance(value, float)
+            else value
+        )
+        for key, value in block.items()
+    }
+
+
+def error_json(code: str, message: str, status: int) -> dict:
+    return {"code": code, "message": message, "status": status}

@@ -1,0 +1,189 @@
+"""Start, probe and stop a local TorchServe: used by ``make serve``, the tests and the benchmarks.
+
+Each server gets its own working directory, which holds its ``TMPDIR`` (TorchServe keeps
+its PID file there, so one server runs per TMPDIR), its logs and its ``key_file.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READY_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchserve_executable() -> str:
+    local = Path(sys.executable).with_name("torchserve")
+    return str(local) if local.exists() else (shutil.which("torchserve") or "torchserve")
+
+
+def read_properties(path: str | Path) -> dict[str, str]:
+    properties = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            properties[key.strip()] = value.strip()
+    return properties
+
+
+def write_properties(path: str | Path, properties: dict[str, str]) -> None:
+    Path(path).write_text("".join(f"{k}={v}\n" for k, v in properties.items()))
+
+
+@dataclass
+class LocalTorchServe:
+    """A TorchServe in ``workdir`` built from a base ``config.properties``.
+
+    ``overrides`` replace properties of the base file (ports, model store, models...).
+    """
+
+    workdir: Path
+    base_config: Path
+    model_store: Path
+    models: str = "shapes=shapes.mar"
+    overrides: dict[str, str] = field(default_factory=dict)
+    foreground: bool = True
+    process: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).resolve()
+        self.model_store = Path(self.model_store).resolve()
+        self.properties = read_properties(self.base_config)
+        self.properties["model_store"] = str(self.model_store)
+        self.properties.update(self.overrides)
+
+    @classmethod
+    def on_free_ports(cls, workdir: Path, base_config: Path, model_store: Path, **kwargs):
+        overrides = kwargs.pop("overrides", {})
+        ports = {
+            "inference_address": f"http://127.0.0.1:{free_port()}",
+            "management_address": f"http://127.0.0.1:{free_port()}",
+            "metrics_address": f"http://127.0.0.1:{free_port()}",
+            # Worker sockets live at /tmp/.ts.sock.<port>: parallel servers need their own.
+            "initial_worker_port": str(20000 + free_port() % 20000),
+        }
+        return cls(workdir, base_config, model_store, overrides={**ports, **overrides}, **kwargs)
+
+    @property
+    def inference_url(self) -> str:
+        return self.properties["inference_address"]
+
+    @property
+    def management_url(self) -> str:
+        return self.properties["management_address"]
+
+    @property
+    def metrics_url(self) -> str:
+        return self.properties["metrics_address"]
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "config.properties"
+
+    @property
+    def env(self) -> dict[str, str]:
+        tmp = self.workdir / "tmp"
+        return dict(
+            os.environ,
+            TMPDIR=str(tmp),
+            LOG_LOCATION=str(self.workdir / "logs"),
+            METRICS_LOCATION=str(self.workdir / "logs"),
+        )
+
+    def start(self, wait_for: str | None = "shapes", timeout: float = READY_TIMEOUT_S) -> None:
+        (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        write_properties(self.config_path, self.properties)
+        command = [
+            torchserve_executable(), "--start", "--ncs",
+            "--ts-config", str(self.config_path),
+            "--model-store", str(self.model_store),
+        ]  # fmt: skip
+        if self.models:
+            command += ["--models", self.models]
+        if self.foreground:
+            command.append("--foreground")
+            stdout = (self.workdir / "logs" / "torchserve.out").open("ab")
+            self.process = subprocess.Popen(
+                command,
+                cwd=self.workdir,
+                env=self.env,
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        else:
+            subprocess.run(command, cwd=self.workdir, env=self.env, check=True)
+        if wait_for:
+            self.wait_ready(wait_for, timeout)
+
+    def keys(self) -> dict[str, str]:
+        """Tokens from TorchServe's key file: ``{"inference": ..., "management": ...}``."""
+        data = json.loads((self.workdir / "key_file.json").read_text())
+        return {name: entry["key"] for name, entry in data.items() if isinstance(entry, dict)}
+
+    def auth(self, kind: str = "inference") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys()[kind]}"}
+
+    def wait_ready(self, model: str, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until the model answers a status query with a ready worker, bounded by ``timeout``."""
+        deadline = time.monotonic() + timeout
+        last = "not started"
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.process.returncode}; {self.log_tail()}")
+            try:
+                request = urllib.request.Request(
+                    f"{self.management_url}/models/{model}", headers=self.auth("management")
+                )
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    workers = json.loads(response.read())[0].get("workers", [])
+                    if any(w.get("status") == "READY" for w in workers):
+                        return
+                    last = f"workers {workers}"
+            except (OSError, urllib.error.URLError, KeyError, ValueError) as err:
+                last = repr(err)
+            time.sleep(0.5)
+        raise TimeoutError(f"model {model} not ready after {timeout}s ({last}); {self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        logs = self.workdir / "logs"
+        chunks = []
+        for name in ("model_log.log", "ts_log.log", "torchserve.out"):
+            path = logs / name
+            if path.exists():
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                chunks.append(f"--- {name}\n" + "\n".join(text))
+        return "\n".join(chunks)
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.process is not None:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait(timeout)
+            self.process = None
+        else:
+            subprocess.run(
+                [torchserve_executable(), "--stop"], cwd=self.workdir, env=self.env, check=False
+            )

@@ -1,0 +1,1 @@
+"""The embedded default model: a small CNN trained on generated shapes with known masks."""

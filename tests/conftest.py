@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from camserve.archive import build_archive
+from camserve.explainer import Explainer
+from camserve.server import LocalTorchServe
+from camserve.shapes.dataset import HELD_OUT_SEED, render_sample
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES_DIR = REPO / "models" / "shapes"
+CONFIG = REPO / "config" / "config.properties"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def shapes_explainer() -> Explainer:
+    return Explainer.from_directory(SHAPES_DIR)
+
+
+@pytest.fixture(scope="session")
+def resnet18() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None).eval()
+
+
+def png_bytes(image, fmt: str = "PNG", **save_args) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_args)
+    return buffer.getvalue()
+
+
+def held_out(index: int):
+    return render_sample(HELD_OUT_SEED, index)
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory) -> Path:
+    """The archive `make` builds, or a fresh one when the suite runs on its own."""
+    built = REPO / "model_store" / "shapes.mar"
+    store = tmp_path_factory.mktemp("model_store")
+    if built.exists():
+        shutil.copy2(built, store / "shapes.mar")
+    else:
+        build_archive(SHAPES_DIR, "shapes", store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, model_store):
+    """A real TorchServe with its own ports, TMPDIR and working directory."""
+    ts = LocalTorchServe.on_free_ports(
+        tmp_path_factory.mktemp("torchserve"), CONFIG, model_store
+    )
+    ts.start()
+    yield ts
+    ts.stop()

@@ -1,0 +1,89 @@
+"""Grad-CAM: Captum is the oracle, and the prediction comes from the same forward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import LayerGradCam
+
+from camserve.gradcam import GradCam
+
+
+def captum_map(model, layer_name, x, targets):
+    layer = model.get_submodule(layer_name)
+    return LayerGradCam(model, layer).attribute(x, target=targets, relu_attributions=True)[:, 0]
+
+
+@pytest.fixture(params=["shapes", "resnet18"])
+def model_and_layer(request, shapes_explainer, resnet18):
+    if request.param == "shapes":
+        return shapes_explainer.model, "features", (64, 64)
+    return resnet18, "layer4", (96, 96)
+
+
+def test_map_equals_captum_layergradcam(model_and_layer):
+    model, layer, size = model_and_layer
+    x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(1))
+    result = GradCam(model, layer)(x)
+    expected = captum_map(model, layer, x, result.targets.tolist())
+    assert result.grad_cam.shape == expected.shape
+    torch.testing.assert_close(result.grad_cam, expected, atol=1e-5, rtol=0)
+    assert result.grad_cam.abs().sum() > 0
+
+
+def test_logits_come_from_the_explaining_forward(model_and_layer):
+    model, layer, size = model_and_layer
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        result = GradCam(model, layer)(x)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    with torch.inference_mode():
+        plain = model(x)
+    torch.testing.assert_close(result.logits, plain, atol=1e-5, rtol=1e-5)
+    assert torch.equal(result.targets, plain.argmax(1))
+
+
+def test_requested_target_is_explained(shapes_explainer):
+    model = shapes_explainer.model
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    top1 = model(x).argmax(1)
+    other = [(int(t) + 1) % 6 for t in top1]
+    result = GradCam(model, "features")(x, [other[0], None])
+    assert result.targets.tolist() == [other[0], int(top1[1])]
+    expected = captum_map(model, "features", x[:1], [other[0]])
+    torch.testing.assert_close(result.grad_cam[:1], expected, atol=1e-5, rtol=0)
+
+
+def test_alpha_reconstructs_the_signed_map(resnet18):
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    captured = []
+    handle = resnet18.layer4.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
+    try:
+        result = GradCam(resnet18, "layer4")(x)
+    finally:
+        handle.remove()
+    activations = captured[0]
+    rebuilt = (result.alpha[:, :, None, None] * activations).sum(1)
+    torch.testing.assert_close(result.signed_map, rebuilt, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(result.channel_mean, activations.mean((2, 3)))
+
+
+def test_parameters_are_frozen_and_no_graph_is_left(shapes_explainer):
+    gradcam = shapes_explainer.gradcam
+    assert not any(p.requires_grad for p in gradcam.model.parameters())
+    result = gradcam(torch.randn(1, 3, 64, 64))
+    assert result.signed_map.grad_fn is None and result.logits.grad_fn is None
+    assert gradcam._pass == {}
+
+
+def test_batch_invariance(shapes_explainer):
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    batched = shapes_explainer.gradcam(x)
+    for i in range(5):
+        alone = shapes_explainer.gradcam(x[i : i + 1])
+        torch.testing.assert_close(alone.grad_cam[0], batched.grad_cam[i], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(alone.logits[0], batched.logits[i], atol=1e-5, rtol=1e-4)

@@ -1,0 +1,92 @@
+"""Pure logic of request parsing, decoding and target resolution."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from PIL import Image
+
+from camserve.decode import decode_image
+from camserve.errors import InputError
+from camserve.labels import resolve_target
+from camserve.request import RequestOptions, parse_item
+from tests.conftest import png_bytes
+
+LABELS = ["circle", "square", "triangle"]
+
+
+def small_png() -> bytes:
+    return png_bytes(Image.new("RGB", (8, 6), (10, 20, 30)))
+
+
+def code_of(call) -> str:
+    with pytest.raises(InputError) as info:
+        call()
+    return info.value.code
+
+
+def test_raw_body():
+    parsed = parse_item({"body": small_png()})
+    assert parsed.image == small_png() and parsed.options == RequestOptions()
+
+
+def test_json_body_with_options():
+    encoded = base64.b64encode(small_png()).decode()
+    parsed = parse_item({"body": {"image": encoded, "target": "square", "topk": 2}})
+    assert parsed.image == small_png()
+    assert parsed.options == RequestOptions(target="square", topk=2)
+
+
+def test_multipart_form_fields_arrive_as_bytes():
+    parsed = parse_item({"data": small_png(), "target": b"1", "topk": b"3"})
+    assert parsed.options.target == "1" and parsed.options.topk == 3
+
+
+@pytest.mark.parametrize(
+    ("item", "json_content", "code"),
+    [
+        ({"body": b"{not json"}, True, "invalid_json"),
+        ({"body": {"image": "@@@not base64@@@"}}, False, "invalid_base64"),
+        ({"body": {"image": "aGVsbG8=", "colour": "red"}}, False, "unknown_option"),
+        ({"body": {"target": 1}}, False, "missing_image"),
+        ({"body": {"image": "aGVsbG8=", "topk": -1}}, False, "bad_option"),
+        ({"body": {"image": "aGVsbG8=", "topk": 10**9}}, False, "bad_option"),
+        ({"body": {"image": "aGVsbG8=", "target": [1]}}, False, "bad_option"),
+        ({"data": b"x", "foo": b"1"}, False, "unknown_option"),
+        ({}, False, "empty_body"),
+    ],
+)
+def test_bad_requests_name_the_problem(item, json_content, code):
+    assert code_of(lambda: parse_item(item, json_content=json_content)) == code
+
+
+def test_resolve_target():
+    assert resolve_target(None, LABELS) is None
+    assert resolve_target(2, LABELS) == 2
+    assert resolve_target("1", LABELS) == 1
+    assert resolve_target("Triangle", LABELS) == 2
+    assert code_of(lambda: resolve_target(3, LABELS)) == "unknown_target"
+    assert code_of(lambda: resolve_target(-1, LABELS)) == "unknown_target"
+    assert code_of(lambda: resolve_target("hexagon", LABELS)) == "unknown_target"
+
+
+def test_decode_png_and_jpeg_to_rgb():
+    image = Image.new("RGB", (20, 10), (200, 10, 10))
+    for fmt in ("PNG", "JPEG"):
+        decoded = decode_image(png_bytes(image, fmt))
+        assert decoded.mode == "RGB" and decoded.size == (20, 10)
+
+
+def test_decode_rejects_garbage_text_and_empty():
+    assert code_of(lambda: decode_image(b"")) == "empty_body"
+    assert code_of(lambda: decode_image(b"\x00\x01garbage")) == "undecodable_image"
+    assert code_of(lambda: decode_image(b"<svg xmlns='x'></svg>")) == "unsupported_format"
+    truncated = png_bytes(Image.new("RGB", (64, 64), (1, 2, 3)))[:60]
+    assert code_of(lambda: decode_image(truncated)) == "undecodable_image"
+
+
+def test_decode_enforces_the_pixel_limit():
+    data = png_bytes(Image.new("RGB", (100, 100)))
+    assert code_of(lambda: decode_image(data, max_pixels=9999)) == "image_too_large"
+    assert decode_image(data, max_pixels=10000).size == (100, 100)
