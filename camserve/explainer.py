@@ -9,6 +9,8 @@ Usable from a notebook as well as from the TorchServe handler::
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,11 +195,18 @@ class Explainer:
             image=image,
         )
 
-    def explain(self, batch: list[PreparedImage]) -> list[ExplainedImage]:
+    def explain(
+        self,
+        batch: list[PreparedImage],
+        on_stage: Callable[[str, float], None] | None = None,
+    ) -> list[ExplainedImage]:
+        """Explain a batch; ``on_stage(name, seconds)`` hears how long each stage took."""
         if not batch:
             return []
+        started = time.perf_counter()
         x = torch.stack([item.tensor for item in batch])
         result = self.gradcam(x, [item.target for item in batch])
+        scored = time.perf_counter()
         scores = zero_reference(
             result.signed_map,
             result.alpha,
@@ -208,6 +217,10 @@ class Explainer:
             self.compensation.compensable,
             self.calibration,
         )
+        if on_stage is not None:
+            # Stage names are the ones camserve.telemetry.STAGES declares.
+            on_stage("forward_gradcam", scored - started)
+            on_stage("score", time.perf_counter() - scored)
         probabilities = result.probabilities
         explained = []
         for i, item in enumerate(batch):

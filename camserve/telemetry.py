@@ -1,0 +1,116 @@
+"""Explanation health as TorchServe metrics (declared in ``config/metrics.yaml``).
+
+This module does not import TorchServe: the handler passes in TorchServe's metrics cache
+(``context.metrics``) and its ``MetricTypes`` enum, and everything else is plain Python,
+so the recording logic can be unit-tested with a fake cache.
+
+Every name and label here must match ``config/metrics.yaml``: TorchServe's frontend only
+exports metrics declared there, and a metric emitted with a different number of label values
+than declared is dropped (with a log line, not an error).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from camserve.errors import ERROR_CODES
+from camserve.zero_reference import ZeroReference
+
+log = logging.getLogger(__name__)
+
+EXPLANATIONS = "camserve_explanations_total"
+UNSTABLE = "camserve_unstable_explanations_total"
+EMPTY_MAPS = "camserve_empty_maps_total"
+SCORE_BANDS_METRIC = "camserve_zero_reference_score_band_total"
+ERRORS = "camserve_errors_total"
+COMPENSABLE = "camserve_compensable"
+SCORE = "camserve_zero_reference_score"
+STAGE_SECONDS = "camserve_stage_duration_seconds"
+
+METRICS = {
+    EXPLANATIONS: "counter",
+    UNSTABLE: "counter",
+    EMPTY_MAPS: "counter",
+    SCORE_BANDS_METRIC: "counter",
+    ERRORS: "counter",
+    COMPENSABLE: "gauge",
+    SCORE: "histogram",
+    STAGE_SECONDS: "histogram",
+}
+"""Every camserve metric and its type; a test checks this against config/metrics.yaml."""
+
+STAGES = ("decode", "forward_gradcam", "score", "encode")
+INTERNAL_ERROR = "internal_error"
+ERROR_REASONS = (*ERROR_CODES, INTERNAL_ERROR)
+BAND_COUNT = 10
+SCORE_BANDS = tuple(f"{i / BAND_COUNT:.1f}-{(i + 1) / BAND_COUNT:.1f}" for i in range(BAND_COUNT))
+# The Level TorchServe gives metrics recorded from a handler (add_metric does the same).
+LEVEL = "Model"
+
+
+def score_band(score: float) -> str:
+    """The 0.1-wide band holding ``score``: [0, 0.1) -> "0.0-0.1", ..., [0.9, 1] -> "0.9-1.0"."""
+    index = int(min(max(score, 0.0), 1.0) * BAND_COUNT)
+    return SCORE_BANDS[min(index, BAND_COUNT - 1)]
+
+
+def error_reason(code: str) -> str:
+    """Clamp an error code to the declared set, so a new code cannot add label values."""
+    return code if code in ERROR_REASONS else INTERNAL_ERROR
+
+
+class Telemetry:
+    """Records camserve's metrics for one model into a TorchServe metrics cache.
+
+    ``cache`` needs ``get_metric(name, metric_type)`` returning an object with
+    ``add_or_update(value, dimension_values)``; ``metric_types`` maps "counter", "gauge",
+    "histogram" to what ``get_metric`` expects (TorchServe's ``MetricTypes`` enum does).
+    Label values are passed in full (extra labels, then ModelName, Level) because
+    ``add_metric`` drops ModelName when a call carries no request id (at load time).
+    """
+
+    def __init__(self, cache: Any, metric_types: Callable[[str], Any], model_name: str) -> None:
+        self.cache = cache
+        self.metric_types = metric_types
+        self.model_name = model_name
+
+    def _record(self, name: str, value: float, *labels: str) -> None:
+        try:
+            metric = self.cache.get_metric(name, self.metric_types(METRICS[name]))
+            metric.add_or_update(value, [*labels, self.model_name, LEVEL])
+        except Exception:  # noqa: BLE001 - a metrics problem must never fail a prediction
+            log.exception("could not record metric %s", name)
+
+    def compensable(self, compensable: bool) -> None:
+        self._record(COMPENSABLE, 1.0 if compensable else 0.0)
+
+    def explained(self, result: ZeroReference) -> None:
+        """One explanation that was returned to a client."""
+        self._record(EXPLANATIONS, 1)
+        if not result.stable:
+            self._record(UNSTABLE, 1)
+        if result.map_empty:
+            self._record(EMPTY_MAPS, 1)
+        self._record(SCORE, result.score)
+        self._record(SCORE_BANDS_METRIC, 1, score_band(result.score))
+
+    def error(self, code: str) -> None:
+        self._record(ERRORS, 1, error_reason(code))
+
+    def stage(self, stage: str, seconds: float) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        self._record(STAGE_SECONDS, seconds, stage)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Record how long the block took as ``stage``, also when it raises."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage(stage, time.perf_counter() - start)
