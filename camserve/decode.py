@@ -25,13 +25,19 @@ DEFAULT_MAX_PIXELS = 40_000_000
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 _TEXT_PREFIXES = (b"<", b"{", b"[", b"%PDF", b"#!")
+_BOM = b"\xef\xbb\xbf"
+
+
+def _looks_like_markup(data: bytes) -> bool:
+    # An editor's UTF-8 byte order mark must not hide "<svg" from the check.
+    return data[:512].removeprefix(_BOM).lstrip()[:5].startswith(_TEXT_PREFIXES)
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes to an upright RGB image, or raise ``InputError``."""
     if not data:
         raise input_error(EMPTY_BODY, "the request carried no image bytes")
-    if data.lstrip()[:5].startswith(_TEXT_PREFIXES):
+    if _looks_like_markup(data):
         raise input_error(
             UNSUPPORTED_FORMAT,
             "the body looks like text/markup (SVG, HTML, JSON?); send a raster image: "
@@ -62,6 +68,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
         )
     try:
+        if image.format == "PNG":
+            # PIL checks chunk CRCs only while reading the header; libpng rejects a bad
+            # CRC anywhere, and so do we: the bytes were damaged on the way.
+            Image.open(io.BytesIO(data), formats=("PNG",)).verify()
         image.load()  # first frame only for animated formats
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from camserve.errors import UNKNOWN_TARGET, input_error
@@ -27,7 +28,7 @@ def resolve_target(target: int | str | None, labels: list[str]) -> int | None:
         return None
     if isinstance(target, bool):
         raise input_error(UNKNOWN_TARGET, f"target must be a class index or label, got {target}")
-    if isinstance(target, str) and target.strip().lstrip("-").isdigit():
+    if isinstance(target, str) and re.fullmatch(r"\s*-?[0-9]{1,18}\s*", target):
         target = int(target.strip())
     if isinstance(target, int):
         if 0 <= target < len(labels):
