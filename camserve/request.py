@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 
 from camserve.errors import (
@@ -140,10 +141,13 @@ def parse_options(raw: dict) -> RequestOptions:
 def _parse_topk(value) -> int | None:
     if value is None or value == "":
         return None
-    if isinstance(value, str) and value.strip().isdigit():
+    # isdigit() alone accepts "²" and other digits int() refuses.
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,9}\s*", value):
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_TOPK:
-        raise input_error(BAD_OPTION, f"'topk' must be an integer from 1 to {MAX_TOPK}, got {value!r}")
+        raise input_error(
+            BAD_OPTION, f"'topk' must be an integer from 1 to {MAX_TOPK}, got {value!r}"
+        )
     return value
 
 

@@ -46,6 +46,11 @@ class CamServeHandler(BaseHandler):
                 prepared.append((index, self.explainer.prepare(parsed)))
             except InputError as err:
                 responses[index] = self._error(context, index, err.code, err.message, err.status)
+            except Exception as err:  # noqa: BLE001 - a decoder bug must not fail the batch
+                log.exception("item %d could not be prepared", index)
+                responses[index] = self._error(
+                    context, index, "internal_error", f"request could not be read: {err}", 500
+                )
         for index, result in self._explain_isolated(prepared, context, responses):
             body = explanation_json(
                 result, self.explainer.labels, self.explainer.config.target_layer, self.model_name
