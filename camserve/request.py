@@ -47,6 +47,8 @@ def parse_item(item: dict, json_content: bool = False) -> ParsedRequest:
     if not isinstance(item, dict) or not item:
         raise input_error(EMPTY_BODY, "the request carried no data")
     fields = dict(item)
+    if is_v2_input(fields):
+        return _from_v2_input(fields)
     if len(fields) == 1 and next(iter(fields)) in ("body", "data"):
         payload = next(iter(fields.values()))
         if isinstance(payload, dict):
@@ -57,6 +59,41 @@ def parse_item(item: dict, json_content: bool = False) -> ParsedRequest:
             _reject_bad_json(payload)
         return ParsedRequest(image=_as_bytes(payload), options=RequestOptions())
     return _from_form(fields)
+
+
+def is_v2_input(item) -> bool:
+    """An input tensor of a KServe v2 request, as TorchServe's ``kservev2`` envelope passes it:
+    ``{"name", "shape", "datatype", "data", "parameters"?}`` (BYTES data already unwrapped)."""
+    return (
+        isinstance(item, dict)
+        and {"datatype", "data"} <= set(item)
+        and set(item) <= {"name", "shape", "datatype", "data", "parameters"}
+    )
+
+
+def _from_v2_input(tensor: dict) -> ParsedRequest:
+    if tensor["datatype"] != "BYTES":
+        raise input_error(
+            MISSING_IMAGE,
+            f"a v2 input must have datatype BYTES holding one base64 image, "
+            f"got {tensor['datatype']!r}",
+        )
+    data = tensor["data"]
+    if isinstance(data, list) and len(data) == 1:  # not unwrapped by an envelope
+        data = data[0]
+    parameters = tensor.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise input_error(BAD_OPTION, "v2 'parameters' must be an object")
+    # content_type is the v2 codec's own hint; our images are always base64.
+    options = {k: v for k, v in parameters.items() if k != "content_type"}
+    unknown = sorted(set(options) - set(OPTION_FIELDS))
+    if unknown:
+        raise input_error(
+            UNKNOWN_OPTION,
+            f"unknown v2 parameter(s) {unknown}; the options are {list(OPTION_FIELDS)}",
+        )
+    image = data if isinstance(data, bytes | bytearray) else decode_base64(data)
+    return ParsedRequest(image=bytes(image), options=parse_options(options))
 
 
 def _reject_bad_json(payload: bytes | bytearray | str) -> None:

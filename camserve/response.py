@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from camserve.explainer import ExplainedImage
+from camserve.preprocess import Preprocessing
+from camserve.render import images_json
 
 SCHEMA_PATH = Path(__file__).with_name("schema") / "response.schema.json"
 MAP_DECIMALS = 4
@@ -19,8 +21,13 @@ def load_schema() -> dict:
 
 
 def explanation_json(
-    explained: ExplainedImage, labels: list[str], target_layer: str, model_name: str
+    explained: ExplainedImage,
+    labels: list[str],
+    target_layer: str,
+    model_name: str,
+    preprocessing: Preprocessing | None = None,
 ) -> dict:
+    """The response body; ``preprocessing`` lets the ``images`` block undo the normalisation."""
     probabilities = explained.probabilities
     top = torch.topk(probabilities, explained.topk)
     grad_cam = explained.grad_cam
@@ -29,7 +36,7 @@ def explanation_json(
     h, w = grad_cam.shape
     score = explained.zero_reference
     target = explained.target
-    return {
+    body = {
         "model": model_name,
         "predictions": [
             {"index": int(i), "label": labels[int(i)], "probability": round(float(p), 6)}
@@ -50,6 +57,9 @@ def explanation_json(
         },
         "zero_reference": _rounded(asdict(score)),
     }
+    if explained.prepared.options.images:
+        body["images"] = images_json(explained, preprocessing)
+    return body
 
 
 def _rounded_rows(grid: torch.Tensor) -> list[list[float]]:

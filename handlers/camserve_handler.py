@@ -13,7 +13,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from camserve.errors import InputError
 from camserve.explainer import Explainer
-from camserve.request import parse_item
+from camserve.render import PNG_MEDIA_TYPE, accepts_png, overlay_png
+from camserve.request import is_v2_input, parse_item
 from camserve.response import error_json, explanation_json
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,17 @@ class CamServeHandler(BaseHandler):
                     context, index, "internal_error", f"request could not be read: {err}", 500
                 )
         for index, result in self._explain_isolated(prepared, context, responses):
-            body = explanation_json(
-                result, self.explainer.labels, self.explainer.config.target_layer, self.model_name
-            )
-            responses[index] = self._json(context, index, body)
+            if _wants_png(context, index, data[index]):
+                responses[index] = self._png(context, index, result)
+            else:
+                body = explanation_json(
+                    result,
+                    self.explainer.labels,
+                    self.explainer.config.target_layer,
+                    self.model_name,
+                    self.explainer.config.preprocessing,
+                )
+                responses[index] = self._json(context, index, body)
         log.info("camserve batch: %d items, %d rejected", len(data), len(data) - len(prepared))
         return responses
 
@@ -85,10 +93,23 @@ class CamServeHandler(BaseHandler):
         context.set_response_status(status, code, idx=index)
         return self._json(context, index, error_json(code, message, status))
 
+    def _png(self, context, index: int, result) -> bytes:
+        context.set_response_content_type(index, PNG_MEDIA_TYPE)
+        return overlay_png(result, self.explainer.config.preprocessing)
+
     @staticmethod
     def _json(context, index: int, body: dict) -> str:
         context.set_response_content_type(index, "application/json")
         return json.dumps(body, separators=(",", ":"))
+
+
+def _wants_png(context, index: int, item) -> bool:
+    """``Accept: image/png`` asks for the overlay itself; KServe v2 tensors always get JSON."""
+    if is_v2_input(item):
+        return False
+    return accepts_png(context.get_request_header(index, "Accept")) or accepts_png(
+        context.get_request_header(index, "accept")
+    )
 
 
 def _is_json(context, index: int) -> bool:

@@ -1,0 +1,154 @@
+"""Grad-CAM map -> PNG pictures: an 8-bit grayscale heatmap and a colormap overlay.
+
+Both are drawn at the network's input size, for the map and for the map under the
+reference shift, so a reader sees what the zero-reference score measured. Rendering is
+a bilinear upsample (torch), a colormap lookup table (matplotlib, no figures) and a PNG
+encode (PIL): well under a millisecond per picture at 64x64.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from PIL import Image
+from torch import Tensor
+
+from camserve.explainer import ExplainedImage
+from camserve.preprocess import Preprocessing
+
+DEFAULT_COLORMAP = "inferno"
+OVERLAY_ALPHA = 0.55
+# Fast zlib level: these pictures are small, and the request should not wait on compression.
+PNG_COMPRESS_LEVEL = 3
+PNG_MEDIA_TYPE = "image/png"
+
+
+def upsample(grad_cam: Tensor, size: tuple[int, int]) -> Tensor:
+    """ReLU'd map (h, w) -> (H, W) in [0, 1]: bilinear, then divided by its maximum.
+
+    An empty map (no positive evidence) stays all zeros instead of dividing by zero.
+    """
+    grid = grad_cam.detach().to(torch.float32)[None, None]
+    big = F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
+    big = big.clamp_min(0)
+    peak = float(big.max())
+    return big / peak if peak > 0 else big
+
+
+def _to_uint8(unit: Tensor) -> np.ndarray:
+    # numpy, not torch: tiny arrays, and torch's per-op thread dispatch costs more than the work.
+    return (np.clip(unit.numpy(), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+@lru_cache(maxsize=8)
+def _lookup_table(name: str) -> np.ndarray:
+    """256 RGB entries of a matplotlib colormap: a table lookup beats calling the map per pixel."""
+    return colormaps[name](np.linspace(0, 1, 256), bytes=True)[:, :3]
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def heatmap_image(grad_cam: Tensor, size: tuple[int, int]) -> Image.Image:
+    """The map at the input size as 8-bit grayscale (white = the map's maximum)."""
+    return Image.fromarray(_to_uint8(upsample(grad_cam, size)), "L")
+
+
+def overlay_image(
+    grad_cam: Tensor,
+    background: Image.Image,
+    colormap: str = DEFAULT_COLORMAP,
+    alpha: float = OVERLAY_ALPHA,
+) -> Image.Image:
+    """The map in a perceptual colormap blended over ``background`` (resized to its size)."""
+    width, height = background.size
+    levels = _to_uint8(upsample(grad_cam, (height, width)))
+    colours = Image.fromarray(_lookup_table(colormap)[levels], "RGB")
+    return Image.blend(background.convert("RGB"), colours, alpha)
+
+
+def network_view(tensor: Tensor, mean, std) -> Image.Image:
+    """The normalised input tensor (3, H, W) back to RGB: exactly the pixels the map refers to
+    (after resize and crop), so the overlay lines up with the map."""
+    mean_t = torch.as_tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.as_tensor(std, dtype=torch.float32)[:, None, None]
+    pixels = tensor.detach().to(torch.float32) * std_t + mean_t
+    return Image.fromarray(_to_uint8(pixels).transpose(1, 2, 0), "RGB")
+
+
+def background_of(explained: ExplainedImage, preprocessing: Preprocessing | None) -> Image.Image:
+    """What the overlay is drawn on: the network's view of the image when the normalisation is
+    known, else the decoded image squeezed to the input size."""
+    if preprocessing is not None:
+        return network_view(explained.prepared.tensor, preprocessing.mean, preprocessing.std)
+    height, width = explained.prepared.tensor.shape[-2:]
+    return explained.prepared.image.convert("RGB").resize((width, height), Image.BILINEAR)
+
+
+def render_images(
+    explained: ExplainedImage,
+    preprocessing: Preprocessing | None = None,
+    colormap: str = DEFAULT_COLORMAP,
+) -> dict[str, Image.Image]:
+    """The four pictures of the response's ``images`` block, as PIL images."""
+    background = background_of(explained, preprocessing)
+    size = (background.height, background.width)
+    return {
+        "heatmap_png": heatmap_image(explained.grad_cam, size),
+        "overlay_png": overlay_image(explained.grad_cam, background, colormap),
+        "shifted_heatmap_png": heatmap_image(explained.shifted_grad_cam, size),
+        "shifted_overlay_png": overlay_image(explained.shifted_grad_cam, background, colormap),
+    }
+
+
+def images_json(
+    explained: ExplainedImage, preprocessing: Preprocessing | None = None
+) -> dict[str, str]:
+    """The ``images`` block: each picture as a base64 PNG."""
+    return {
+        key: base64.b64encode(encode_png(image)).decode("ascii")
+        for key, image in render_images(explained, preprocessing).items()
+    }
+
+
+def overlay_png(
+    explained: ExplainedImage,
+    preprocessing: Preprocessing | None = None,
+    colormap: str = DEFAULT_COLORMAP,
+) -> bytes:
+    """Just the overlay of the (unshifted) map: the body of an ``Accept: image/png`` answer."""
+    background = background_of(explained, preprocessing)
+    return encode_png(overlay_image(explained.grad_cam, background, colormap))
+
+
+def accepts_png(accept: str | None) -> bool:
+    """True when an ``Accept`` header asks for image/png over JSON.
+
+    ``*/*`` or a missing header keep the JSON default; image/png wins only when it is
+    named and ranked (q-value) at least as high as application/json.
+    """
+    if not accept:
+        return False
+    ranks: dict[str, float] = {}
+    for part in str(accept).split(","):
+        media, *params = (piece.strip() for piece in part.split(";"))
+        quality = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        ranks[media.lower()] = max(quality, ranks.get(media.lower(), 0.0))
+    png = ranks.get(PNG_MEDIA_TYPE, ranks.get("image/*", 0.0))
+    return png > 0 and png >= ranks.get("application/json", 0.0)
