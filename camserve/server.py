@@ -47,6 +47,23 @@ def write_properties(path: str | Path, properties: dict[str, str]) -> None:
     Path(path).write_text("".join(f"{k}={v}\n" for k, v in properties.items()))
 
 
+def resolve_config_path(value: str, base_config: str | Path) -> Path:
+    """An absolute path for a path named in ``base_config``.
+
+    Relative paths mean the directory TorchServe would be started from: the current one
+    (the repository root for ``make serve``), else the config file's folder or its parent
+    (so tests started from anywhere find ``config/metrics.yaml``).
+    """
+    path = Path(value)
+    if path.is_absolute():
+        return path
+    folder = Path(base_config).resolve().parent
+    for root in (Path.cwd(), folder, folder.parent):
+        if (root / path).exists():
+            return (root / path).resolve()
+    raise FileNotFoundError(f"{value} (named in {base_config}) not found")
+
+
 @dataclass
 class LocalTorchServe:
     """A TorchServe in ``workdir`` built from a base ``config.properties``.
@@ -68,6 +85,11 @@ class LocalTorchServe:
         self.properties = read_properties(self.base_config)
         self.properties["model_store"] = str(self.model_store)
         self.properties.update(self.overrides)
+        if "metrics_config" in self.properties:
+            # TorchServe resolves it against its cwd, which here is the server's own workdir.
+            self.properties["metrics_config"] = str(
+                resolve_config_path(self.properties["metrics_config"], self.base_config)
+            )
 
     @classmethod
     def on_free_ports(cls, workdir: Path, base_config: Path, model_store: Path, **kwargs):
@@ -148,7 +170,9 @@ class LocalTorchServe:
         last = "not started"
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"TorchServe exited with {self.process.returncode}; {self.log_tail()}")
+                raise RuntimeError(
+                    f"TorchServe exited with {self.process.returncode}; {self.log_tail()}"
+                )
             try:
                 request = urllib.request.Request(
                     f"{self.management_url}/models/{model}", headers=self.auth("management")

@@ -85,8 +85,19 @@ class Telemetry:
         except Exception:  # noqa: BLE001 - a metrics problem must never fail a prediction
             log.exception("could not record metric %s", name)
 
-    def compensable(self, compensable: bool) -> None:
+    def loaded(self, compensable: bool) -> None:
+        """At model load: set the gauge and create every counter series at 0.
+
+        Without the zeros a series would appear at its first increment, and Prometheus's
+        ``rate``/``increase`` cannot see the step from "absent" to 1.
+        """
         self._record(COMPENSABLE, 1.0 if compensable else 0.0)
+        for name in (EXPLANATIONS, UNSTABLE, EMPTY_MAPS):
+            self._record(name, 0)
+        for band in SCORE_BANDS:
+            self._record(SCORE_BANDS_METRIC, 0, band)
+        for reason in ERROR_REASONS:
+            self._record(ERRORS, 0, reason)
 
     def explained(self, result: ZeroReference) -> None:
         """One explanation that was returned to a client."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from camserve.errors import InputError
@@ -16,6 +17,7 @@ from camserve.explainer import Explainer
 from camserve.render import PNG_MEDIA_TYPE, accepts_png, overlay_png
 from camserve.request import is_v2_input, parse_item
 from camserve.response import error_json, explanation_json
+from camserve.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,8 @@ class CamServeHandler(BaseHandler):
         self.model_name = context.manifest["model"]["modelName"]
         self.explainer = Explainer.from_directory(model_dir, section)
         self.model = self.explainer.model
+        self.telemetry = Telemetry(context.metrics, MetricTypes, self.model_name)
+        self.telemetry.loaded(self.explainer.compensation.compensable)
         log.info(
             "camserve %s ready: layer %s, %s",
             self.model_name,
@@ -43,8 +47,9 @@ class CamServeHandler(BaseHandler):
         prepared = []
         for index, item in enumerate(data):
             try:
-                parsed = parse_item(item, json_content=_is_json(context, index))
-                prepared.append((index, self.explainer.prepare(parsed)))
+                with self.telemetry.timed("decode"):
+                    parsed = parse_item(item, json_content=_is_json(context, index))
+                    prepared.append((index, self.explainer.prepare(parsed)))
             except InputError as err:
                 responses[index] = self._error(context, index, err.code, err.message, err.status)
             except Exception as err:  # noqa: BLE001 - a decoder bug must not fail the batch
@@ -53,17 +58,19 @@ class CamServeHandler(BaseHandler):
                     context, index, "internal_error", f"request could not be read: {err}", 500
                 )
         for index, result in self._explain_isolated(prepared, context, responses):
-            if _wants_png(context, index, data[index]):
-                responses[index] = self._png(context, index, result)
-            else:
-                body = explanation_json(
-                    result,
-                    self.explainer.labels,
-                    self.explainer.config.target_layer,
-                    self.model_name,
-                    self.explainer.config.preprocessing,
-                )
-                responses[index] = self._json(context, index, body)
+            with self.telemetry.timed("encode"):
+                if _wants_png(context, index, data[index]):
+                    responses[index] = self._png(context, index, result)
+                else:
+                    body = explanation_json(
+                        result,
+                        self.explainer.labels,
+                        self.explainer.config.target_layer,
+                        self.model_name,
+                        self.explainer.config.preprocessing,
+                    )
+                    responses[index] = self._json(context, index, body)
+            self.telemetry.explained(result.zero_reference)
         log.info("camserve batch: %d items, %d rejected", len(data), len(data) - len(prepared))
         return responses
 
@@ -74,14 +81,18 @@ class CamServeHandler(BaseHandler):
             return []
         try:
             return list(
-                zip([i for i, _ in prepared], self.explainer.explain([p for _, p in prepared]))
+                zip(
+                    [i for i, _ in prepared],
+                    self.explainer.explain([p for _, p in prepared], self.telemetry.stage),
+                    strict=True,
+                )
             )
         except Exception:  # noqa: BLE001 - isolate, then report per item below
             log.exception("batch of %d failed; retrying one by one", len(prepared))
         results = []
         for index, item in prepared:
             try:
-                results.append((index, self.explainer.explain([item])[0]))
+                results.append((index, self.explainer.explain([item], self.telemetry.stage)[0]))
             except Exception as err:  # noqa: BLE001
                 log.exception("item %d failed", index)
                 responses[index] = self._error(
@@ -90,6 +101,7 @@ class CamServeHandler(BaseHandler):
         return results
 
     def _error(self, context, index: int, code: str, message: str, status: int) -> str:
+        self.telemetry.error(code)
         context.set_response_status(status, code, idx=index)
         return self._json(context, index, error_json(code, message, status))
 
