@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 SHAPES_FILES := $(wildcard models/shapes/*)
 CORE_FILES := $(shell find camserve handlers -name '*.py' -o -name '*.json' 2>/dev/null)
 
-.PHONY: serve stop test lint format train evaluate archive venv clean
+.PHONY: serve stop test lint format train evaluate archive venv clean monitor monitor-stop
 
 venv: $(INSTALLED)
 
@@ -27,6 +27,17 @@ serve: model_store/shapes.mar
 
 stop: $(INSTALLED)
 	$(CAMSERVE) stop
+
+# A local Prometheus (Debian's package, installed when missing) scraping the TorchServe of
+# `make serve`, with the alert rules of config/prometheus; see docs/monitoring.md.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+monitor: $(INSTALLED)
+	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	$(PY) -m camserve.prometheus start
+
+monitor-stop: $(INSTALLED)
+	$(PY) -m camserve.prometheus stop
 
 test: model_store/shapes.mar
 	$(VENV)/bin/ruff check .
