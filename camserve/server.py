@@ -100,6 +100,9 @@ class LocalTorchServe:
             "metrics_address": f"http://127.0.0.1:{free_port()}",
             # Worker sockets live at /tmp/.ts.sock.<port>: parallel servers need their own.
             "initial_worker_port": str(20000 + free_port() % 20000),
+            # gRPC listens too (7070/7071 by default): a second server would fail to bind.
+            "grpc_inference_port": str(free_port()),
+            "grpc_management_port": str(free_port()),
         }
         return cls(workdir, base_config, model_store, overrides={**ports, **overrides}, **kwargs)
 
