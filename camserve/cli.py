@@ -1,8 +1,9 @@
-"""``camserve``: build archives, run a local server, and (later) call it.
+"""``camserve``: build archives, run a local server, and call it.
 
-    camserve archive --model-dir models/shapes --name shapes --export-path model_store
-    camserve serve    # starts TorchServe in the background and prints a request to paste
-    camserve stop
+camserve archive --model-dir models/shapes --name shapes --export-path model_store
+camserve serve    # starts TorchServe in the background and prints a request to paste
+camserve stop
+camserve predict examples/*.png --out .run/overlays   # table + overlay PNGs
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_WORKDIR = Path(".run/serve")
+PROGRESS_MIN_IMAGES = 8
 
 
 def _archive(args: argparse.Namespace) -> int:
@@ -55,6 +57,34 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    """Explain images on a running server: a table on stdout, overlays in --out."""
+    from tqdm import tqdm
+
+    from camserve.client import Client, ClientError, find_token, format_table, predict_files
+
+    paths = [Path(p) for p in args.images]
+
+    def progress(results):
+        # disable=None: a bar on a terminal only, never in pipes or logs.
+        return tqdm(results, total=len(paths), unit="image", file=sys.stderr, disable=None)
+
+    try:
+        client = Client(args.url, args.model, find_token(None, args.key_file), args.timeout)
+        outcomes = predict_files(
+            client, paths, args.out, args.target, args.concurrency,
+            progress if len(paths) >= PROGRESS_MIN_IMAGES else None,
+        )  # fmt: skip
+    except ClientError as err:
+        print(f"camserve predict: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(outcomes))
+    if args.out is not None:
+        written = sum(1 for o in outcomes if o.overlays)
+        print(f"\nwrote {written} overlay pair(s) (*.overlay.png, *.shifted.png) to {args.out}")
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="camserve", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +106,24 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--model-store", type=Path, default=Path("model_store"))
         sub.add_argument("--models", default="shapes=shapes.mar")
         sub.set_defaults(run=run)
+
+    from camserve.client import DEFAULT_KEY_FILE, DEFAULT_URL, TOKEN_ENV
+
+    predict = commands.add_parser(
+        "predict",
+        help="explain images on a running server",
+        description=f"Post images, print file/label/probability/score/stable, save overlays. "
+        f"The token comes from ${TOKEN_ENV}, else from --key-file.",
+    )
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    predict.add_argument("--url", default=DEFAULT_URL, help="TorchServe inference address")
+    predict.add_argument("--model", default="shapes")
+    predict.add_argument("--out", type=Path, help="write <name>.overlay.png and .shifted.png here")
+    predict.add_argument("--target", help="class label or index to explain (default: top-1)")
+    predict.add_argument("--concurrency", type=int, default=4, help="requests in flight (1-32)")
+    predict.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE)
+    predict.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    predict.set_defaults(run=_predict)
 
     args = parser.parse_args(argv)
     try:
