@@ -13,7 +13,8 @@ from tests.conftest import held_out, png_bytes
 VALIDATOR = jsonschema.Draft202012Validator(load_schema())
 
 
-def explain(explainer, options=RequestOptions()):
+def explain(explainer, options=None):
+    options = options or RequestOptions()
     prepared = explainer.prepare(ParsedRequest(png_bytes(held_out(0).image), options))
     [result] = explainer.explain([prepared])
     return explanation_json(result, explainer.labels, "features", "shapes")
@@ -53,3 +54,14 @@ def test_schema_rejects_a_broken_response(shapes_explainer):
     body["zero_reference"]["score"] = 1.5
     with pytest.raises(jsonschema.ValidationError):
         VALIDATOR.validate(body)
+
+
+def test_readme_shows_the_schema_file_verbatim():
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("<!-- schema:start -->\n```json\n") + len(
+        "<!-- schema:start -->\n```json\n"
+    )
+    end = readme.index("```\n<!-- schema:end -->")
+    assert readme[start:end] == (REPO / "camserve/schema/response.schema.json").read_text()

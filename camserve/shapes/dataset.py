@@ -151,3 +151,27 @@ def to_uint8_tensors(samples: list[ShapeSample]) -> tuple[torch.Tensor, torch.Te
     labels = torch.tensor([s.label for s in samples])
     masks = torch.from_numpy(np.stack([s.mask for s in samples]))
     return images.contiguous(), labels, masks
+
+
+def write_examples(out_dir: str, seed: int = HELD_OUT_SEED) -> list[str]:
+    """One held-out PNG per class, named after it (``examples/star.png``...)."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written, index = {}, 0
+    while len(written) < len(CLASSES):
+        sample = render_sample(seed, index)
+        name = CLASSES[sample.label]
+        if name not in written:
+            path = out / f"{name}.png"
+            sample.image.save(path)
+            written[name] = str(path)
+        index += 1
+    return sorted(written.values())
+
+
+if __name__ == "__main__":
+    import sys
+
+    print("\n".join(write_examples(sys.argv[1] if len(sys.argv) > 1 else "examples")))
