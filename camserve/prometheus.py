@@ -8,6 +8,7 @@ only the target, the intervals and the rule-file paths are filled in for the loc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -159,6 +160,10 @@ class LocalPrometheus:
         if self.process is not None:
             self.process.wait(timeout)
             self.process = None
+        elif pid is not None:
+            # Started by an earlier LocalPrometheus of this same process: reap the zombie.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
         self.pid_file.unlink(missing_ok=True)
 
 

@@ -1,0 +1,478 @@
+"""Monitoring: config/metrics.yaml, the handler's metrics, Prometheus rules and the dashboard.
+
+The integration test runs a real TorchServe and a real Prometheus scraping it, posts a known
+mix of requests, and compares what Prometheus stored with what was sent. Prometheus and
+promtool must be installed (.ci/run and ``make monitor`` install Debian's package): without
+them these tests fail, they do not skip.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import re
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import requests
+import ts
+import yaml
+from PIL import Image
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.metrics.metric_type_enum import MetricTypes
+
+from camserve import telemetry
+from camserve.errors import ERROR_CODES
+from camserve.prometheus import LocalPrometheus, executable, local_config
+from camserve.prometheus import main as prometheus_main
+from camserve.request import ParsedRequest, RequestOptions
+from camserve.response import load_schema
+from camserve.server import free_port
+from tests.conftest import REPO, held_out, png_bytes
+
+METRICS_YAML = REPO / "config" / "metrics.yaml"
+PROMETHEUS_DIR = REPO / "config" / "prometheus"
+DASHBOARD = REPO / "config" / "grafana" / "dashboards" / "camserve.json"
+GRAFANA_PROVISIONING = REPO / "config" / "grafana" / "provisioning"
+MODEL = "shapes"
+SETTLE_TIMEOUT_S = 60
+
+
+def declared(section: str) -> dict[str, tuple[str, list[str]]]:
+    """name -> (type, dimensions) for one section of config/metrics.yaml."""
+    spec = yaml.safe_load(METRICS_YAML.read_text())[section]
+    return {m["name"]: (kind, m["dimensions"]) for kind, items in spec.items() for m in items}
+
+
+def exported_names() -> set[str]:
+    """Every series name TorchServe exports with our metrics.yaml, plus Prometheus's ``up``."""
+    names = {"up"}
+    for section in ("ts_metrics", "model_metrics"):
+        for name, (kind, _) in declared(section).items():
+            suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+            names.update(name + suffix for suffix in suffixes)
+    return names
+
+
+_PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression: identifiers that are not functions, keywords,
+    label names or Grafana variables."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}", "", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"\$\{?\w+\}?", "", expr)
+    names = set()
+    for match in re.finditer(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*", expr):
+        if expr[match.end() :].lstrip().startswith("(") or match.group() in _PROMQL_KEYWORDS:
+            continue
+        names.add(match.group())
+    return names
+
+
+def dashboard_exprs() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [
+        target["expr"]
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        if "expr" in target
+    ]
+
+
+def alert_exprs() -> list[str]:
+    rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
+    return [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+
+
+# --- metrics.yaml and the recorder -------------------------------------------------------
+
+
+def test_metric_names_follow_prometheus_conventions():
+    for name, kind in telemetry.METRICS.items():
+        assert name.startswith("camserve_") and name == name.lower()
+        assert name.endswith("_total") == (kind == "counter"), name
+    assert telemetry.STAGE_SECONDS.endswith("_seconds")
+
+
+def test_metrics_yaml_declares_every_camserve_metric_with_model_dimensions_last():
+    model_metrics = declared("model_metrics")
+    for name, kind in telemetry.METRICS.items():
+        assert name in model_metrics, f"{name} is not declared in {METRICS_YAML}"
+        declared_kind, dimensions = model_metrics[name]
+        assert declared_kind == kind
+        assert dimensions[-2:] == ["ModelName", "Level"], name
+        assert "Hostname" not in dimensions  # the frontend adds it to model metrics
+
+
+def test_metrics_yaml_redeclares_torchserve_defaults():
+    default_yaml = Path(ts.__file__).parent / "configs" / "metrics.yaml"
+    defaults = yaml.safe_load(default_yaml.read_text())
+    ours = yaml.safe_load(METRICS_YAML.read_text())
+    for section in ("ts_metrics", "model_metrics"):
+        for kind, items in defaults[section].items():
+            mine = {m["name"]: m for m in ours[section].get(kind, [])}
+            for metric in items:
+                assert metric["name"] in mine, f"default {section}.{kind} {metric['name']} dropped"
+                assert mine[metric["name"]]["dimensions"] == metric["dimensions"]
+                assert mine[metric["name"]]["unit"] == metric["unit"]
+
+
+def test_error_reasons_are_the_response_error_codes():
+    schema_codes = set(load_schema()["$defs"]["error"]["properties"]["code"]["enum"])
+    assert set(telemetry.ERROR_REASONS) == schema_codes
+    assert set(ERROR_CODES) < schema_codes
+    assert telemetry.error_reason("undecodable_image") == "undecodable_image"
+    assert telemetry.error_reason("something_new") == "internal_error"
+
+
+@pytest.mark.parametrize(
+    ("score", "band"),
+    [(0.0, "0.0-0.1"), (0.0999, "0.0-0.1"), (0.1, "0.1-0.2"), (0.25, "0.2-0.3"),
+     (0.95, "0.9-1.0"), (1.0, "0.9-1.0"), (1.0000001, "0.9-1.0"), (-0.0, "0.0-0.1")],
+)  # fmt: skip
+def test_score_band(score, band):
+    assert telemetry.score_band(score) == band
+    assert len(telemetry.SCORE_BANDS) == len(set(telemetry.SCORE_BANDS)) == 10
+
+
+def test_recorder_emits_what_torchserve_accepts(shapes_explainer, caplog):
+    """TorchServe's own metrics cache, loaded from our metrics.yaml, takes every record: a
+    metric with the wrong number of labels would only log an error and be lost."""
+    cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
+    cache.initialize_cache()
+    recorder = telemetry.Telemetry(cache, MetricTypes, MODEL)
+    prepared = shapes_explainer.prepare_image(held_out(0).image)
+    [result] = shapes_explainer.explain([prepared])
+    with caplog.at_level(logging.INFO):
+        recorder.loaded(True)
+        recorder.explained(result.zero_reference)
+        recorder.error("unknown_target")
+        recorder.error("no_such_code")
+        recorder.stage("decode", 0.004)
+    lines = [r.getMessage() for r in caplog.records if "[METRICS]" in r.getMessage()]
+    failures = ("Failed", "could not record")
+    assert not [r for r in caplog.records if any(f in r.getMessage() for f in failures)]
+    emitted = Counter()
+    for line in lines:
+        match = re.match(r"\[METRICS\](\w+)\.\w+:([0-9.e-]+)\|#([^|]*)\|#type:(\w+)\|", line)
+        assert match, line
+        name, value, dims, kind = match.groups()
+        labels = dict(pair.split(":", 1) for pair in dims.split(","))
+        assert list(labels)[-2:] == ["ModelName", "Level"]
+        assert labels["ModelName"] == MODEL and labels["Level"] == "Model"
+        assert kind == telemetry.METRICS[name].upper()
+        emitted[(name, labels.get("reason") or labels.get("band") or labels.get("stage"))] += float(
+            value
+        )
+    # loaded(): every counter series exists at 0, the gauge is 1.
+    assert emitted[(telemetry.COMPENSABLE, None)] == 1.0
+    assert emitted[(telemetry.ERRORS, "unknown_target")] == 1
+    assert emitted[(telemetry.ERRORS, "internal_error")] == 1
+    assert emitted[(telemetry.ERRORS, "bad_option")] == 0 and (
+        (telemetry.ERRORS, "bad_option") in emitted
+    )
+    assert emitted[(telemetry.EXPLANATIONS, None)] == 1
+    assert emitted[(telemetry.UNSTABLE, None)] == (0 if result.zero_reference.stable else 1)
+    assert emitted[(telemetry.EMPTY_MAPS, None)] == int(result.zero_reference.map_empty)
+    band = telemetry.score_band(result.zero_reference.score)
+    assert emitted[(telemetry.SCORE_BANDS_METRIC, band)] == 1
+    assert math.isclose(emitted[(telemetry.SCORE, None)], result.zero_reference.score)
+    assert emitted[(telemetry.STAGE_SECONDS, "decode")] == pytest.approx(0.004)
+    assert len({key for key in emitted if key[0] == telemetry.SCORE_BANDS_METRIC}) == 10
+
+
+# --- Prometheus rules, Grafana dashboard ----------------------------------------------------
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [executable("promtool"), *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_promtool_checks_the_shipped_config_and_rules(tmp_path):
+    for args in (
+        ("check", "config", str(PROMETHEUS_DIR / "prometheus.yml")),
+        ("check", "rules", str(PROMETHEUS_DIR / "alerts.yml")),
+        ("test", "rules", str(PROMETHEUS_DIR / "alerts_test.yml")),
+    ):
+        result = promtool(*args)
+        assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
+        assert "SUCCESS" in result.stdout + result.stderr
+    # The config `make monitor` and the tests generate is valid too.
+    generated = tmp_path / "prometheus.yml"
+    generated.write_text(yaml.safe_dump(local_config("127.0.0.1:1234", "1s")))
+    result = promtool("check", "config", str(generated))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_in_the_rules_has_a_unit_test():
+    rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
+    alerts = {rule["alert"] for group in rules for rule in group["rules"]}
+    tests = yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())["tests"]
+    firing = {
+        case["alertname"]
+        for test in tests
+        for case in test["alert_rule_test"]
+        if case.get("exp_alerts")
+    }
+    assert alerts == firing
+
+
+def test_promql_metric_name_extraction():
+    expr = (
+        'histogram_quantile(0.99, sum by (stage, le) (rate(a_bucket{ModelName=~"$model"}'
+        '[$__rate_interval]))) / on (x) b_total unless label_replace(c, "d", "$1", "e", "(.*)")'
+    )
+    assert promql_metric_names(expr) == {"a_bucket", "b_total", "c"}
+
+
+def test_dashboard_and_alerts_only_use_exported_metrics():
+    exported = exported_names()
+    exprs = dashboard_exprs() + alert_exprs()
+    used = set().union(*(promql_metric_names(e) for e in exprs))
+    assert used - exported == set()
+    # Each camserve metric appears on the dashboard: a new metric gets a panel too.
+    dashboard_used = set().union(*(promql_metric_names(e) for e in dashboard_exprs()))
+    for name, kind in telemetry.METRICS.items():
+        variants = {name} | (
+            {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else set()
+        )
+        assert dashboard_used & variants, f"{name} is on no dashboard panel"
+
+
+def test_dashboard_is_provisionable():
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"]
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    kinds = Counter(p["type"] for p in panels)
+    assert kinds["heatmap"] >= 1 and kinds["stat"] >= 1 and kinds["timeseries"] >= 4
+    for panel in panels:
+        if panel["type"] != "row":
+            assert panel["targets"] and all(t["expr"].strip() for t in panel["targets"])
+            assert panel["datasource"]["uid"] == "${datasource}"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["query"] == "prometheus"
+    assert (
+        promql_metric_names(
+            re.sub(r"label_values\((\w+),.*", r"\1", variables["model"]["definition"])
+        )
+        <= exported_names()
+    )
+    datasource = yaml.safe_load(
+        (GRAFANA_PROVISIONING / "datasources" / "prometheus.yml").read_text()
+    )
+    [source] = datasource["datasources"]
+    assert source["type"] == "prometheus" and source["url"].startswith("http://127.0.0.1:")
+    provider = yaml.safe_load((GRAFANA_PROVISIONING / "dashboards" / "camserve.yml").read_text())
+    assert provider["providers"][0]["type"] == "file"
+
+
+# --- A real TorchServe scraped by a real Prometheus ---------------------------------------
+
+
+def metrics_target(server) -> str:
+    return server.metrics_url.removeprefix("http://").rstrip("/")
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, tmp_path_factory):
+    instance = LocalPrometheus(
+        tmp_path_factory.mktemp("prometheus"), metrics_target(server), free_port(), "1s"
+    )
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def snapshot(prometheus) -> dict[tuple[str, str | None], float]:
+    """(metric, stage/reason/band label) -> value, for every camserve series of the model."""
+    values = {}
+    for series in prometheus.query(f'{{__name__=~"camserve_.*", ModelName="{MODEL}"}}'):
+        labels = series["metric"]
+        key = labels.get("stage") or labels.get("reason") or labels.get("band") or labels.get("le")
+        values[(labels["__name__"], key)] = float(series["value"][1])
+    return values
+
+
+def wait_for_scrape_after(prometheus, moment: float) -> None:
+    """Until Prometheus holds a scrape of TorchServe that started after ``moment``."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        result = prometheus.query('timestamp(up{job="torchserve"} == 1)')
+        if result and float(result[0]["value"][1]) > moment:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"no successful scrape after {moment}: {prometheus.log_tail()}")
+
+
+def post(server, data=None, **kwargs) -> requests.Response:
+    return requests.post(
+        f"{server.inference_url}/predictions/{MODEL}",
+        data=data,
+        headers=server.auth(),
+        timeout=60,
+        **kwargs,
+    )
+
+
+def as_json(png: bytes, **options) -> dict:
+    return {"json": {"image": base64.b64encode(png).decode(), **options}}
+
+
+def find_empty_map_targets(explainer, count: int) -> list[tuple[bytes, int]]:
+    """(PNG, target) pairs whose Grad-CAM map is empty, found with the in-process explainer."""
+    found = []
+    for index in range(40, 100):
+        png = png_bytes(held_out(index).image)
+        batch = [
+            explainer.prepare(ParsedRequest(png, RequestOptions(target=target)))
+            for target in range(len(explainer.labels))
+        ]
+        for target, result in enumerate(explainer.explain(batch)):
+            if result.zero_reference.map_empty:
+                found.append((png, target))
+                break
+        if len(found) == count:
+            return found
+    pytest.fail(f"only {len(found)} of {count} inputs with an empty map in 60 held-out images")
+
+
+def too_large_png(max_pixels: int) -> bytes:
+    side = math.isqrt(max_pixels) + 1
+    return png_bytes(Image.new("1", (side, side)))
+
+
+def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
+    good = [png_bytes(held_out(index).image) for index in range(20, 24)]
+    empty = find_empty_map_targets(shapes_explainer, 2)
+    truncated = good[0][: len(good[0]) // 2]
+    bad = [  # (request, expected error code)
+        ({"data": b"\x89PNG\r\n\x1a\n not really a png"}, "undecodable_image"),
+        ({"data": truncated}, "undecodable_image"),
+        ({"data": too_large_png(shapes_explainer.config.max_pixels)}, "image_too_large"),
+        ({"data": b'<svg xmlns="http://www.w3.org/2000/svg"></svg>'}, "unsupported_format"),
+        (as_json(good[1], topk=0), "bad_option"),
+        (as_json(good[2], target="hexagon"), "unknown_target"),
+    ]
+    explained = [{"data": png} for png in good]
+    explained += [as_json(png, target=target) for png, target in empty]
+    # What the server must report, from the same bytes explained in-process.
+    expected_results = [
+        shapes_explainer.explain(
+            [shapes_explainer.prepare(ParsedRequest(body, RequestOptions(target=target)))]
+        )[0].zero_reference
+        for body, target in [(p, None) for p in good] + empty
+    ]
+
+    wait_for_scrape_after(prometheus, time.time() + 1)
+    before = snapshot(prometheus)
+    assert before.get((telemetry.COMPENSABLE, None)) == float(
+        shapes_explainer.compensation.compensable
+    )
+    for kwargs, expected in zip(explained, expected_results, strict=True):
+        response = post(server, **kwargs)
+        assert response.status_code == 200, response.text
+        assert response.json()["grad_cam"]["empty"] == expected.map_empty
+        assert response.json()["zero_reference"]["stable"] == expected.stable
+    for kwargs, code in bad:
+        response = post(server, **kwargs)
+        assert response.status_code == ERROR_CODES[code], response.text
+        assert response.json()["code"] == code
+
+    n = len(explained)
+    errors = Counter(code for _, code in bad)
+    expected = {
+        (telemetry.EXPLANATIONS, None): n,
+        (telemetry.UNSTABLE, None): sum(not r.stable for r in expected_results),
+        (telemetry.EMPTY_MAPS, None): sum(r.map_empty for r in expected_results),
+        (f"{telemetry.SCORE}_count", None): n,
+        **{(telemetry.ERRORS, reason): errors[reason] for reason in telemetry.ERROR_REASONS},
+        **{(telemetry.SCORE_BANDS_METRIC, band): 0 for band in telemetry.SCORE_BANDS},
+        **{(f"{telemetry.STAGE_SECONDS}_count", "decode"): n + len(bad)},
+        **{(f"{telemetry.STAGE_SECONDS}_count", "forward_gradcam"): n},  # one batch each
+        **{(f"{telemetry.STAGE_SECONDS}_count", "score"): n},
+        **{(f"{telemetry.STAGE_SECONDS}_count", "encode"): n},
+    }
+    for result in expected_results:
+        expected[(telemetry.SCORE_BANDS_METRIC, telemetry.score_band(result.score))] += 1
+    assert expected[(telemetry.EMPTY_MAPS, None)] >= len(empty)
+
+    def delta(after):
+        return {key: after.get(key, math.nan) - before.get(key, 0.0) for key in expected}
+
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        after = snapshot(prometheus)
+        if delta(after) == expected:
+            break
+        time.sleep(0.5)
+    assert delta(after) == expected
+    # The histogram counts every explanation, and its sum is the scores' sum.
+    assert (
+        delta(after)[(f"{telemetry.SCORE}_count", None)]
+        == delta(after)[(telemetry.EXPLANATIONS, None)]
+    )
+    # A histogram series appears at its first observation: TorchServe cannot create it at 0.
+    score_sum = after[(f"{telemetry.SCORE}_sum", None)] - before.get(
+        (f"{telemetry.SCORE}_sum", None), 0.0
+    )
+    assert score_sum == pytest.approx(sum(r.score for r in expected_results), abs=1e-5)
+
+
+def test_rules_load_and_dashboard_queries_run_in_prometheus(server, prometheus):
+    # Every alert rule evaluates without error in a real Prometheus.
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        rules = [rule for g in prometheus.api("rules")["groups"] for rule in g["rules"]]
+        if rules and all(rule["health"] == "ok" for rule in rules):
+            break
+        time.sleep(0.5)
+    assert {rule["name"] for rule in rules} == {
+        rule["alert"]
+        for g in yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
+        for rule in g["rules"]
+    }
+    assert all(rule["health"] == "ok" for rule in rules), rules
+    # Every dashboard query runs and finds data once the model has served a request.
+    assert post(server, png_bytes(held_out(30).image)).status_code == 200
+    wait_for_scrape_after(prometheus, time.time() + 1)
+    names = set(prometheus.api("label/__name__/values"))
+    for expr in dashboard_exprs():
+        assert promql_metric_names(expr) <= names, expr
+        query = expr.replace("$__rate_interval", "5m").replace("$model", MODEL)
+        assert prometheus.query(query), f"no data for dashboard query {query}"
+
+
+def test_make_monitor_starts_and_stops_prometheus(server, tmp_path):
+    """The code path of `make monitor` / `make monitor-stop`, without the package install."""
+    properties = tmp_path / "config.properties"
+    properties.write_text(f"metrics_address={server.metrics_url}\n")
+    port = free_port()
+    args = ["--config", str(properties), "--workdir", str(tmp_path / "run"), "--port", str(port)]
+    assert prometheus_main(["start", *args, "--scrape-interval", "1s"]) == 0
+    instance = LocalPrometheus(tmp_path / "run", metrics_target(server), port)
+    try:
+        pid = int(instance.pid_file.read_text())
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        health = None
+        while time.monotonic() < deadline and health != "up":
+            targets = instance.api("targets")["activeTargets"]
+            health = targets[0]["health"] if targets else None
+            time.sleep(0.5)
+        assert [t["labels"]["instance"] for t in targets] == [metrics_target(server)]
+        assert health == "up"
+    finally:
+        assert prometheus_main(["stop", *args]) == 0
+    assert not Path(f"/proc/{pid}").exists() or not Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert not instance.pid_file.exists()
