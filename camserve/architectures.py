@@ -1,7 +1,8 @@
-"""Build a classifier by name: the embedded ``shapes_net``, a torchvision model, or a custom class."""
+"""Build a classifier by name: ``shapes_net``, a torchvision model, or a custom class."""
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import sys
 from pathlib import Path
@@ -26,9 +27,12 @@ def build_model(
         return ShapesNet(num_classes=num_classes)
     if model_file is not None:
         return _custom_model(Path(model_file), model_class or architecture, num_classes)
-    if architecture not in torchvision.models.list_models(module=torchvision.models):
+    known = torchvision.models.list_models(module=torchvision.models)
+    if architecture not in known:
+        close = difflib.get_close_matches(architecture, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(
-            f"unknown architecture {architecture!r}; use {SHAPES_NET!r}, a torchvision "
+            f"unknown architecture {architecture!r}{hint}; use {SHAPES_NET!r}, a torchvision "
             "classification model (torchvision.models.list_models()), or a model file + class"
         )
     return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
@@ -51,8 +55,12 @@ def _custom_model(model_file: Path, class_name: str, num_classes: int) -> nn.Mod
         return cls()
 
 
-def load_weights(model: nn.Module, weights: str | Path) -> nn.Module:
-    """Load a state_dict with ``weights_only=True``; a pickled module is refused."""
+def read_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from ``weights``, loaded with ``weights_only=True`` (pickled code refused).
+
+    Accepts a checkpoint that wraps it as ``{"state_dict": ...}`` and drops the ``module.``
+    prefix that ``nn.DataParallel`` adds.
+    """
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError and others
@@ -64,8 +72,73 @@ def load_weights(model: nn.Module, weights: str | Path) -> nn.Module:
         raise ValueError(f"{weights} holds a {type(state).__name__}, expected a state_dict")
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{weights} does not match the architecture: {err}") from None
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: nn.Module, weights: str | Path | dict[str, torch.Tensor]) -> nn.Module:
+    """Load a state_dict (a file, read by ``read_state_dict``, or a dict), strictly."""
+    state = weights if isinstance(weights, dict) else read_state_dict(weights)
+    problems = state_dict_mismatch(model, state)
+    if problems:
+        raise ValueError(
+            f"{'the weights' if isinstance(weights, dict) else weights} do not match "
+            f"{type(model).__name__}: {problems}"
+        )
+    model.load_state_dict(state, strict=True)
     return model
+
+
+def state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """A short account of missing, unexpected and wrongly shaped keys; None if they match."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)
+    ]
+    parts = [
+        f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
+        for what, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("keys with other shapes", shapes),
+        )
+        if items
+    ]
+    if not parts:
+        return None
+    return "; ".join(parts) + " - are these weights for another architecture?"
+
+
+def infer_num_classes(architecture: str, state: dict[str, torch.Tensor]) -> int:
+    """The class count of a torchvision state_dict: the size its head has where the
+    1000-class reference model has 1000 (1000 when nothing differs)."""
+    reference = build_model(architecture, 1000).state_dict()
+    for key, tensor in reference.items():
+        theirs = state.get(key)
+        if (
+            tensor.dim() >= 1
+            and tensor.shape[0] == 1000
+            and isinstance(theirs, torch.Tensor)
+            and theirs.dim() == tensor.dim()
+            and theirs.shape[1:] == tensor.shape[1:]
+        ):
+            return int(theirs.shape[0])
+    return 1000
+
+
+def imagenet_categories(architecture: str) -> list[str] | None:
+    """The 1000 ImageNet labels from torchvision's weight metadata (no download needed)."""
+    try:
+        weights_enum = torchvision.models.get_model_weights(architecture)
+    except (ValueError, KeyError):
+        return None
+    for weights in weights_enum:
+        categories = weights.meta.get("categories")
+        if categories and len(categories) == 1000:
+            return list(categories)
+    return None

@@ -6,16 +6,37 @@ TorchServe with torch, torchvision, captum and pillow installed and nothing of o
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
+from PIL import Image
 
 import camserve
+from camserve.architectures import (
+    SHAPES_NET,
+    build_model,
+    imagenet_categories,
+    infer_num_classes,
+    load_weights,
+    read_state_dict,
+)
+from camserve.compensation import probe_compensable
+from camserve.explainer import ExplainerConfig
+from camserve.labels import load_labels
+from camserve.layers import auto_target_layer, check_target_layer
+from camserve.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(camserve.__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
@@ -67,3 +88,228 @@ def build_archive(
         if done.returncode != 0:
             raise RuntimeError(f"torch-model-archiver failed:\n{done.stdout}\n{done.stderr}")
     return export_path / f"{name}.mar"
+
+
+# --- Bring your own model: a torchvision architecture or a custom class plus a state_dict.
+
+WEIGHTS_FILE = "weights.pt"
+LABELS_FILE = "index_to_name.json"
+SERVING_DEFAULTS = {
+    "minWorkers": 1,
+    "maxWorkers": 1,
+    "batchSize": 8,
+    "maxBatchDelay": 10,
+    "responseTimeout": 120,
+}
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What ``write_model_dir`` decided, for the log and the command line."""
+
+    architecture: str
+    num_classes: int
+    labels_from: str
+    target_layer: str
+    target_layer_auto: bool
+    compensable: bool
+    compensation: str
+
+    def describe(self) -> str:
+        how = "picked automatically" if self.target_layer_auto else "given"
+        return (
+            f"{self.architecture}: {self.num_classes} classes (labels: {self.labels_from}); "
+            f"target layer {self.target_layer!r} ({how}); {self.compensation}"
+        )
+
+
+def make_preprocessing(
+    input_size: int | Sequence[int] = 224,
+    resize: int | Sequence[int] | None = None,
+    center_crop: int | Sequence[int] | None = None,
+    crop: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Preprocessing:
+    """torchvision's evaluation pipeline by default: resize the shorter side to
+    ``input * 256 / 224``, centre-crop ``input_size``, normalise. ``crop=False`` resizes
+    straight to ``input_size`` instead. Inconsistent sizes raise a ``ValueError``."""
+    size = _pair(input_size, "input size")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (R G B), got {list(mean)} and {list(std)}")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std values must be positive, got {list(std)}")
+    if crop:
+        crop_size = _pair(center_crop, "center crop") if center_crop is not None else size
+        if resize is None:
+            resize = round(min(crop_size) * 256 / 224)
+    else:
+        if center_crop is not None:
+            raise ValueError(
+                "a center crop was given together with crop=False (--center-crop none)"
+            )
+        crop_size = None
+        resize = size if resize is None else resize
+    if isinstance(resize, Sequence):
+        resize = _pair(resize, "resize")
+    elif int(resize) < 1:
+        raise ValueError(f"resize must be positive, got {resize}")
+    preprocessing = Preprocessing(
+        input_size=size,
+        resize=resize,
+        center_crop=crop_size,
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+    )
+    # A wide and a tall image must both come out at input_size, or batching breaks.
+    for probe in ((97, 61), (61, 97)):
+        got = tuple(preprocessing(Image.new("RGB", probe)).shape[-2:])
+        if got != size:
+            raise ValueError(
+                f"resize {resize} + center crop {crop_size or 'none'} gives "
+                f"{got[0]}x{got[1]} images from a {probe[0]}x{probe[1]} one, not the input "
+                f"size {size[0]}x{size[1]}: give an (H, W) resize equal to the input size, "
+                "or a center crop equal to it"
+            )
+    return preprocessing
+
+
+def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{what} must be a positive int or an (H, W) pair, got {value!r}")
+    return pair
+
+
+def read_labels(path: str | Path) -> list[str]:
+    """Labels from TorchServe's ``index_to_name.json`` or a text file, one label a line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels file {path} does not exist")
+    if path.suffix == ".json":
+        return load_labels(path)
+    labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not labels:
+        raise ValueError(f"{path} holds no labels (expected one label a line)")
+    return labels
+
+
+def write_model_dir(
+    out_dir: str | Path,
+    weights: str | Path,
+    architecture: str | None = None,
+    labels: str | Path | Sequence[str] | None = None,
+    target_layer: str | None = None,
+    preprocessing: Preprocessing | None = None,
+    model_file: str | Path | None = None,
+    model_class: str | None = None,
+    topk: int = 5,
+    serving: dict | None = None,
+) -> ModelSummary:
+    """Validate a model and write a model folder (weights, labels, ``model-config.yaml``)
+    that ``build_archive`` packs. Raises ``ValueError`` with a clear message on bad input."""
+    out_dir = Path(out_dir)
+    if model_file is not None:
+        model_file = Path(model_file)
+        if not model_file.is_file():
+            raise FileNotFoundError(f"model file {model_file} does not exist")
+        if not model_class:
+            raise ValueError("a custom model needs --model-class (the nn.Module class name)")
+        architecture = architecture or model_class
+    if not architecture:
+        raise ValueError("name an architecture (--arch) or a model file and class")
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"weights file {weights} does not exist")
+    preprocessing = preprocessing or make_preprocessing()
+    if topk < 1:
+        raise ValueError(f"topk must be at least 1, got {topk}")
+
+    state = read_state_dict(weights)
+    label_list, labels_from = _labels(architecture, state, labels, model_file)
+    model = build_model(architecture, len(label_list), model_file, model_class)
+    load_weights(model, state)
+    model.eval()
+    size = preprocessing.input_size
+    auto = target_layer is None
+    if auto:
+        target_layer = auto_target_layer(model, size)
+        log.info("target layer for %s: %r (picked automatically)", architecture, target_layer)
+    else:
+        check_target_layer(model, target_layer, size)
+    with torch.no_grad():
+        outputs = model(torch.zeros(1, 3, *size))
+    if outputs.dim() != 2 or outputs.shape[1] != len(label_list):
+        raise ValueError(
+            f"the model outputs shape {tuple(outputs.shape)}, but there are {len(label_list)} "
+            "labels: a classifier must output (N, number of labels) logits"
+        )
+    report = probe_compensable(model, target_layer, size)
+    log.info(report.log_line(target_layer))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out_dir / WEIGHTS_FILE)
+    mapping = {str(i): name for i, name in enumerate(label_list)}
+    (out_dir / LABELS_FILE).write_text(json.dumps(mapping, indent=1) + "\n")
+    section = ExplainerConfig(
+        architecture=architecture,
+        weights=WEIGHTS_FILE,
+        target_layer=target_layer,
+        preprocessing=preprocessing,
+        labels=LABELS_FILE,
+        topk=min(topk, len(label_list)),
+        model_file=model_file.name if model_file is not None else None,
+        model_class=model_class if model_file is not None else None,
+    ).to_handler_section()
+    if model_file is not None:
+        shutil.copy2(model_file, out_dir / model_file.name)
+    config = {**SERVING_DEFAULTS, **(serving or {}), "handler": section}
+    (out_dir / MODEL_CONFIG).write_text(
+        "# Written by camserve archive. TorchServe reads the top level; camserve, handler:.\n"
+        + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+    )
+    return ModelSummary(
+        architecture=architecture,
+        num_classes=len(label_list),
+        labels_from=labels_from,
+        target_layer=target_layer,
+        target_layer_auto=auto,
+        compensable=report.compensable,
+        compensation=(
+            f"compensable={report.compensable} (absorbing layer {report.absorbing_layer}, "
+            f"worst relative output change {report.worst_relative_change:.1e}, "
+            f"tolerance {report.tolerance:g})"
+            if report.worst_relative_change is not None
+            else f"compensable=False ({report.reason})"
+        ),
+    )
+
+
+def _labels(
+    architecture: str,
+    state: dict,
+    labels: str | Path | Sequence[str] | None,
+    model_file: Path | None,
+) -> tuple[list[str], str]:
+    if labels is not None:
+        if isinstance(labels, str | Path):
+            return read_labels(labels), str(labels)
+        return [str(label) for label in labels], "given"
+    if model_file is not None or architecture == SHAPES_NET:
+        raise ValueError("this model needs --labels (index_to_name.json or one label a line)")
+    count = infer_num_classes(architecture, state)
+    categories = imagenet_categories(architecture) if count == 1000 else None
+    if categories is None:
+        raise ValueError(
+            f"the weights have {count} classes: give their names with --labels "
+            "(index_to_name.json or a text file with one label a line)"
+        )
+    return categories, "ImageNet categories from torchvision's weight metadata"
+
+
+def build_model_archive(
+    name: str, export_path: str | Path, version: str = "1.0", **model: object
+) -> tuple[Path, ModelSummary]:
+    """``write_model_dir`` into a temporary folder, then ``build_archive``."""
+    with tempfile.TemporaryDirectory(prefix="camserve-model-") as work:
+        summary = write_model_dir(work, **model)
+        return build_archive(work, name, export_path, version), summary

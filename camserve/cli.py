@@ -16,11 +16,99 @@ DEFAULT_WORKDIR = Path(".run/serve")
 PROGRESS_MIN_IMAGES = 8
 
 
-def _archive(args: argparse.Namespace) -> int:
-    from camserve.archive import build_archive
+MODEL_OPTIONS = (
+    "weights", "labels", "target_layer", "input_size", "resize", "center_crop", "mean", "std",
+    "model_class", "topk", "batch_size",
+)  # fmt: skip
 
-    path = build_archive(args.model_dir, args.name, args.export_path, args.version)
+
+def _archive(args: argparse.Namespace) -> int:
+    from camserve.archive import build_archive, build_model_archive, make_preprocessing
+
+    if args.model_dir is not None:
+        given = [f"--{k.replace('_', '-')}" for k in MODEL_OPTIONS if getattr(args, k) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --arch or --model-file")
+        name = args.name or args.model_dir.name
+        path = build_archive(args.model_dir, name, args.export_path, args.version)
+        print(f"wrote {path}")
+        return 0
+    if args.weights is None:
+        raise ValueError("--weights (a state_dict file) is required with --arch / --model-file")
+    crop = args.center_crop
+    preprocessing = make_preprocessing(
+        input_size=_size(args.input_size or "224"),
+        resize=_size(args.resize) if args.resize else None,
+        center_crop=None if crop in (None, "none") else _size(crop),
+        crop=crop != "none",
+        **{k: getattr(args, k) for k in ("mean", "std") if getattr(args, k) is not None},
+    )
+    name = args.name or (args.arch or args.model_class or "model").lower()
+    path, summary = build_model_archive(
+        name,
+        args.export_path,
+        args.version,
+        weights=args.weights,
+        architecture=args.arch,
+        labels=args.labels,
+        target_layer=args.target_layer,
+        preprocessing=preprocessing,
+        model_file=args.model_file,
+        model_class=args.model_class,
+        topk=args.topk or 5,
+        serving={"batchSize": args.batch_size} if args.batch_size else None,
+    )
+    print(summary.describe())
     print(f"wrote {path}")
+    return 0
+
+
+def _size(text: str) -> int | tuple[int, int]:
+    """``224`` (an int) or ``224x192`` (an (H, W) pair)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise ValueError(f"expected a size like 224 or 224x192, got {text!r}") from None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) != 2:
+        raise ValueError(f"expected a size like 224 or 224x192, got {text!r}")
+    return parts[0], parts[1]
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from camserve import calibration
+
+    if (args.model_dir is None) == (args.archive is None):
+        raise ValueError("give an archive (.mar) to calibrate, or --model-dir, not both")
+    if args.model_dir is not None:
+        if (args.images is None) == (args.shapes_train is None):
+            raise ValueError("give an image folder or --shapes-train COUNT")
+        if args.images is not None:
+            files = calibration.image_files(args.images)[: args.limit]
+            images = calibration.read_images(files, args.max_pixels, args.skip_unreadable)
+            source, total = f"{len(files)} files under {args.images}", len(files)
+        else:
+            images = calibration.shapes_training_images(args.shapes_train)
+            source = f"shapes training set (TRAIN_SEED), images 0..{args.shapes_train - 1}"
+            total = args.shapes_train
+        stats = calibration.calibrate_model_dir(
+            args.model_dir, images, source, total, args.batch_size
+        )
+        print(f"wrote {args.model_dir / calibration.CALIBRATION_FILE} ({stats.count} images)")
+        return 0
+    if args.images is None or args.shapes_train is not None:
+        raise ValueError("calibrating an archive needs an image folder (and no --shapes-train)")
+    path, stats = calibration.calibrate_archive(
+        args.archive,
+        args.images,
+        export_path=args.export_path,
+        name=args.name,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        skip_unreadable=args.skip_unreadable,
+    )
+    print(f"calibrated on {stats.count} images; wrote {path}")
     return 0
 
 
@@ -89,12 +177,51 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="camserve", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    archive = commands.add_parser("archive", help="pack a model folder into a .mar")
-    archive.add_argument("--model-dir", type=Path, required=True)
-    archive.add_argument("--name", required=True)
+    archive = commands.add_parser(
+        "archive",
+        help="pack a model folder, or a torchvision architecture / custom class and a "
+        "state_dict, into a .mar",
+    )
+    source = archive.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-dir", type=Path, help="a folder with model-config.yaml")
+    source.add_argument("--arch", help="a torchvision classification model, e.g. resnet50")
+    source.add_argument("--model-file", type=Path, help="a .py file defining an nn.Module")
+    archive.add_argument("--model-class", help="the nn.Module class in --model-file")
+    archive.add_argument("--weights", type=Path, help="state_dict file (loaded weights_only)")
+    archive.add_argument("--labels", type=Path, help="index_to_name.json or one label a line")
+    archive.add_argument("--target-layer", help="Grad-CAM layer (default: picked automatically)")
+    archive.add_argument("--input-size", help="network input, 224 or HxW (default 224)")
+    archive.add_argument("--resize", help="shorter side (256) or HxW (default input*256/224)")
+    archive.add_argument("--center-crop", help="HxW (default: the input size), or none")
+    archive.add_argument("--mean", type=float, nargs=3, help="R G B (default: ImageNet)")
+    archive.add_argument("--std", type=float, nargs=3, help="R G B (default: ImageNet)")
+    archive.add_argument("--topk", type=int, help="classes listed per answer (default 5)")
+    archive.add_argument("--batch-size", type=int, help="TorchServe batchSize (default 8)")
+    archive.add_argument("--name", help="model name (default: the folder, arch or class)")
     archive.add_argument("--export-path", type=Path, default=Path("model_store"))
     archive.add_argument("--version", default="1.0")
     archive.set_defaults(run=_archive)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="per-channel mean/std at the target layer over a set of images -> new archive",
+    )
+    calibrate.add_argument("archive", type=Path, nargs="?", help="the .mar to calibrate")
+    calibrate.add_argument("images", type=Path, nargs="?", help="a folder of images")
+    calibrate.add_argument("--model-dir", type=Path, help="calibrate a model folder in place")
+    calibrate.add_argument(
+        "--shapes-train",
+        type=int,
+        metavar="COUNT",
+        help="with --model-dir: the first COUNT images of the shapes training set",
+    )
+    calibrate.add_argument("--name", help="new model name (default <name>_calibrated)")
+    calibrate.add_argument("--export-path", type=Path, help="default: the archive's folder")
+    calibrate.add_argument("--batch-size", type=int, default=32)
+    calibrate.add_argument("--limit", type=int, help="use at most this many images")
+    calibrate.add_argument("--skip-unreadable", action="store_true")
+    calibrate.add_argument("--max-pixels", type=int, default=40_000_000)
+    calibrate.set_defaults(run=_calibrate)
 
     for name, run, text in (
         ("serve", _serve, "start TorchServe in the background"),

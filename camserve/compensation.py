@@ -127,9 +127,17 @@ def _absorb(layer: nn.Module, input_shift: Tensor) -> None:
         raise TypeError(f"cannot absorb a shift into {type(layer).__name__}")
 
 
-def relative_change(reference: Tensor, other: Tensor) -> float:
-    scale = reference.abs().max().clamp_min(1e-12)
-    return float((other - reference).abs().max() / scale)
+def relative_change(reference: Tensor, other: Tensor, effect: Tensor | None = None) -> float:
+    """max |other - reference| over the larger of max |reference| and max |effect|.
+
+    ``effect`` is the uncompensated shift's change of the outputs: rounding in
+    ``W (A + delta) + (b - W delta)`` grows with |W delta|, so a network with tiny outputs
+    (random MobileNetV2 gives ~1e-9) is judged against the size of what was cancelled.
+    """
+    scale = reference.abs().max()
+    if effect is not None:
+        scale = torch.maximum(scale, effect.abs().max())
+    return float((other - reference).abs().max() / scale.clamp_min(1e-30))
 
 
 def probe_compensable(
@@ -160,8 +168,14 @@ def probe_compensable(
     spread = torch.where(spread > 0, spread, activations[0].std().clamp_min(1e-3))
     delta = torch.randn(spread.shape, generator=generator) * spread
     shifted = compensated_copy(model, layer_name, delta, probe, absorbing)
+    handle = add_shift(model, layer_name, delta)
+    try:
+        with torch.no_grad():
+            uncompensated = model(probe)
+    finally:
+        handle.remove()
     with torch.no_grad():
-        change = relative_change(original, shifted(probe))
+        change = relative_change(original, shifted(probe), uncompensated - original)
     ok = change <= tolerance
     reason = (
         f"{absorbing}'s bias absorbs the shift exactly"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from camserve.compensation import CompensationReport, probe_compensable
 from camserve.decode import DEFAULT_MAX_PIXELS, decode_image
 from camserve.gradcam import GradCam
 from camserve.labels import load_labels, resolve_target
+from camserve.layers import auto_target_layer
 from camserve.preprocess import Preprocessing
 from camserve.request import ParsedRequest, RequestOptions
 from camserve.zero_reference import (
@@ -44,7 +45,7 @@ class ExplainerConfig:
 
     architecture: str
     weights: str
-    target_layer: str
+    target_layer: str | None  # None: picked at load time by camserve.layers.auto_target_layer
     preprocessing: Preprocessing
     labels: str = "index_to_name.json"
     topk: int = 5
@@ -67,7 +68,7 @@ class ExplainerConfig:
         return cls(
             architecture=section["architecture"],
             weights=section["weights"],
-            target_layer=section["target_layer"],
+            target_layer=section.get("target_layer"),
             preprocessing=Preprocessing.from_dict(section["preprocessing"]),
             labels=section.get("labels", "index_to_name.json"),
             topk=int(section.get("topk", 5)),
@@ -85,7 +86,7 @@ class ExplainerConfig:
         section = {
             "architecture": self.architecture,
             "weights": self.weights,
-            "target_layer": self.target_layer,
+            **({"target_layer": self.target_layer} if self.target_layer else {}),
             "labels": self.labels,
             "topk": self.topk,
             "epsilon": self.score.epsilon,
@@ -109,6 +110,16 @@ class PreparedImage:
 
 
 @dataclass(frozen=True)
+class ClassExplanation:
+    """Grad-CAM and its zero-reference score for one class of one image."""
+
+    target: int
+    grad_cam: Tensor  # (h, w), ReLU'd, not normalised
+    shifted_grad_cam: Tensor  # ReLU(M + c)
+    zero_reference: ZeroReference
+
+
+@dataclass(frozen=True)
 class ExplainedImage:
     """One image's answer before encoding."""
 
@@ -120,6 +131,7 @@ class ExplainedImage:
     zero_reference: ZeroReference
     topk: int
     prepared: PreparedImage
+    more: tuple[ClassExplanation, ...] = ()  # the next classes, when ``maps`` > 1
 
 
 def load_calibration(path: str | Path) -> ChannelStatistics:
@@ -138,6 +150,10 @@ class Explainer:
         calibration: ChannelStatistics | None = None,
         compensation: CompensationReport | None = None,
     ) -> None:
+        if config.target_layer is None:
+            layer = auto_target_layer(model, config.preprocessing.input_size)
+            log.info("no target_layer configured: picked %r (last spatial feature map)", layer)
+            config = replace(config, target_layer=layer)
         self.config = config
         self.labels = labels
         self.gradcam = GradCam(model, config.target_layer)
@@ -205,18 +221,11 @@ class Explainer:
             return []
         started = time.perf_counter()
         x = torch.stack([item.tensor for item in batch])
-        result = self.gradcam(x, [item.target for item in batch])
+        extra = max(item.options.maps for item in batch) - 1
+        result = self.gradcam(x, [item.target for item in batch], extra_classes=extra)
         scored = time.perf_counter()
-        scores = zero_reference(
-            result.signed_map,
-            result.alpha,
-            result.channel_mean,
-            result.channel_std,
-            self.config.preprocessing.input_size,
-            self.config.score,
-            self.compensation.compensable,
-            self.calibration,
-        )
+        scores = self._score(result.signed_map, result.alpha, result)
+        more = [(maps, self._score(maps.signed_map, maps.alpha, result)) for maps in result.extra]
         if on_stage is not None:
             # Stage names are the ones camserve.telemetry.STAGES declares.
             on_stage("forward_gradcam", scored - started)
@@ -224,17 +233,42 @@ class Explainer:
         probabilities = result.probabilities
         explained = []
         for i, item in enumerate(batch):
-            offset = scores[i].offset
+            main = _class_explanation(int(result.targets[i]), result.signed_map[i], scores[i])
             explained.append(
                 ExplainedImage(
                     probabilities=probabilities[i],
-                    target=int(result.targets[i]),
+                    target=main.target,
                     requested=item.target is not None,
-                    grad_cam=result.grad_cam[i],
-                    shifted_grad_cam=(result.signed_map[i] + offset).clamp_min(0),
-                    zero_reference=scores[i],
+                    grad_cam=main.grad_cam,
+                    shifted_grad_cam=main.shifted_grad_cam,
+                    zero_reference=main.zero_reference,
                     topk=item.topk,
                     prepared=item,
+                    more=tuple(
+                        _class_explanation(int(maps.targets[i]), maps.signed_map[i], score[i])
+                        for maps, score in more[: item.options.maps - 1]
+                    ),
                 )
             )
         return explained
+
+    def _score(self, signed_map: Tensor, alpha: Tensor, result) -> list[ZeroReference]:
+        return zero_reference(
+            signed_map,
+            alpha,
+            result.channel_mean,
+            result.channel_std,
+            self.config.preprocessing.input_size,
+            self.config.score,
+            self.compensation.compensable,
+            self.calibration,
+        )
+
+
+def _class_explanation(target: int, signed_map: Tensor, score: ZeroReference) -> ClassExplanation:
+    return ClassExplanation(
+        target=target,
+        grad_cam=signed_map.clamp_min(0),
+        shifted_grad_cam=(signed_map + score.offset).clamp_min(0),
+        zero_reference=score,
+    )

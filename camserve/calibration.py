@@ -1,0 +1,284 @@
+"""Per-channel activation statistics at the target layer, over a calibration image set.
+
+``camserve calibrate`` streams images through the model in batches and keeps, for each
+channel k of the target layer, the mean and std of A^k over every image and position.
+With them the handler's reference becomes ``calibration_mean`` (mu_k = the dataset mean,
+DESIGN section 2) and the worst-case ball uses the dataset std. The file is a plain dict
+of tensors, loaded with ``weights_only=True`` by ``camserve.explainer.load_calibration``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import tempfile
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from camserve.archive import MODEL_CONFIG, build_archive
+from camserve.decode import decode_image
+from camserve.errors import InputError
+from camserve.explainer import Explainer
+from camserve.preprocess import Preprocessing
+from camserve.zero_reference import ChannelStatistics
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "calibration.pt"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class RunningChannelStatistics:
+    """Streaming per-channel mean and (population) std of (N, K, h, w) batches.
+
+    Chan et al.'s pairwise update of (count, mean, M2) in float64: one pass, any batch size,
+    and no cancellation from subtracting two large sums of squares.
+    """
+
+    def __init__(self) -> None:
+        self.positions = 0
+        self.images = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    def update(self, activations: Tensor) -> None:
+        if activations.dim() != 4:
+            raise ValueError(f"expected (N, K, h, w) activations, got {tuple(activations.shape)}")
+        channels = activations.shape[1]
+        flat = activations.detach().double().transpose(0, 1).reshape(channels, -1)
+        count = flat.shape[1]
+        mean = flat.mean(dim=1)
+        m2 = ((flat - mean[:, None]) ** 2).sum(dim=1)
+        if self.mean is None or self.m2 is None:
+            self.mean, self.m2 = mean, m2
+        else:
+            if channels != self.mean.numel():
+                raise ValueError(f"{channels} channels after {self.mean.numel()} before")
+            delta = mean - self.mean
+            total = self.positions + count
+            self.mean = self.mean + delta * (count / total)
+            self.m2 = self.m2 + m2 + delta**2 * (self.positions * count / total)
+        self.positions += count
+        self.images += activations.shape[0]
+
+    def result(self) -> ChannelStatistics:
+        if self.mean is None or self.m2 is None:
+            raise ValueError("no calibration images were seen")
+        std = (self.m2 / self.positions).sqrt()
+        return ChannelStatistics(mean=self.mean.clone(), std=std, count=self.images)
+
+
+def activation_statistics(
+    model: nn.Module,
+    layer_name: str,
+    batches: Iterable[Tensor],
+    total_images: int | None = None,
+    progress: bool = True,
+) -> ChannelStatistics:
+    """Run ``batches`` of preprocessed images through ``model`` and accumulate the
+    per-channel statistics of ``layer_name``'s output (a tqdm bar counts images)."""
+    running = RunningChannelStatistics()
+    layer = model.get_submodule(layer_name)
+    handle = layer.register_forward_hook(lambda module, inputs, output: running.update(output))
+    model.eval()
+    try:
+        with (
+            torch.inference_mode(),
+            tqdm(total=total_images, unit="img", desc="calibrating", disable=not progress) as bar,
+        ):
+            for batch in batches:
+                model(batch)
+                bar.update(batch.shape[0])
+    finally:
+        handle.remove()
+    return running.result()
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted), by suffix."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"calibration image folder {folder} does not exist")
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise ValueError(f"no images ({suffixes}) found under {folder}")
+    return files
+
+
+def read_images(
+    files: Iterable[Path], max_pixels: int, skip_unreadable: bool = False
+) -> Iterator[Image.Image]:
+    """Decode files with the server's own decoder, so calibration sees what serving sees."""
+    for path in files:
+        try:
+            yield decode_image(path.read_bytes(), max_pixels)
+        except InputError as err:
+            if not skip_unreadable:
+                raise ValueError(
+                    f"{path}: {err.message} (use --skip-unreadable to leave such files out)"
+                ) from None
+            log.warning("skipping %s: %s", path, err.message)
+
+
+def batched(
+    images: Iterable[Image.Image], preprocessing: Preprocessing, batch_size: int
+) -> Iterator[Tensor]:
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    pending: list[Tensor] = []
+    for image in images:
+        pending.append(preprocessing(image))
+        if len(pending) == batch_size:
+            yield torch.stack(pending)
+            pending = []
+    if pending:
+        yield torch.stack(pending)
+
+
+def save_statistics(
+    statistics: ChannelStatistics, path: str | Path, layer: str, weights: Path, source: str
+) -> None:
+    """Write the calibration file; metadata ties it to the layer and the exact weights."""
+    torch.save(
+        {
+            "mean": statistics.mean.double(),
+            "std": statistics.std.double(),
+            "count": int(statistics.count),
+            "layer": layer,
+            "weights_sha256": sha256(weights),
+            "source": source,
+        },
+        path,
+    )
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def calibrate_model_dir(
+    model_dir: str | Path,
+    images: Iterable[Image.Image],
+    source: str,
+    total_images: int | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> ChannelStatistics:
+    """Compute the statistics for the model in ``model_dir``, write ``calibration.pt`` there
+    and name it under ``calibration:`` in its ``model-config.yaml``."""
+    model_dir = Path(model_dir)
+    explainer = Explainer.from_directory(model_dir)
+    config = explainer.config
+    statistics = activation_statistics(
+        explainer.model,
+        config.target_layer,
+        batched(images, config.preprocessing, batch_size),
+        total_images,
+        progress,
+    )
+    save_statistics(
+        statistics, model_dir / CALIBRATION_FILE, config.target_layer, model_dir / config.weights,
+        source,
+    )  # fmt: skip
+    _name_calibration_in_config(model_dir / MODEL_CONFIG)
+    log.info(
+        "calibrated %s at %r on %d images (%s)",
+        model_dir,
+        config.target_layer,
+        statistics.count,
+        source,
+    )
+    return statistics
+
+
+def _name_calibration_in_config(path: Path) -> None:
+    """Set ``handler.calibration``, editing the text so the file's comments survive."""
+    text = path.read_text()
+    config = yaml.safe_load(text)
+    handler = config.get("handler") or {}
+    if handler.get("calibration") == CALIBRATION_FILE:
+        return
+    if "calibration" in handler:
+        text = re.sub(r"(?m)^(\s+)calibration:.*$", rf"\1calibration: {CALIBRATION_FILE}", text)
+    else:
+        match = re.search(r"(?m)^handler:[ \t]*\n([ \t]+)", text)
+        if match is None:
+            handler["calibration"] = CALIBRATION_FILE
+            config["handler"] = handler
+            text = yaml.safe_dump(config, sort_keys=False)
+        else:
+            indent = match.group(1)
+            line = f"{indent}calibration: {CALIBRATION_FILE}\n"
+            text = text[: match.end(1) - len(indent)] + line + text[match.end(1) - len(indent) :]
+    if yaml.safe_load(text).get("handler", {}).get("calibration") != CALIBRATION_FILE:
+        raise RuntimeError(f"could not name {CALIBRATION_FILE} in {path}")
+    path.write_text(text)
+
+
+def calibrate_archive(
+    archive: str | Path,
+    image_folder: str | Path,
+    export_path: str | Path | None = None,
+    name: str | None = None,
+    batch_size: int = 32,
+    limit: int | None = None,
+    skip_unreadable: bool = False,
+    progress: bool = True,
+) -> tuple[Path, ChannelStatistics]:
+    """Calibrate ``archive`` on the images under ``image_folder`` and write a new archive
+    (default: ``<name>_calibrated.mar`` next to the input); returns its path and the stats."""
+    archive = Path(archive)
+    if not archive.is_file():
+        raise FileNotFoundError(f"archive {archive} does not exist")
+    files = image_files(image_folder)
+    if limit is not None:
+        files = files[:limit]
+    with tempfile.TemporaryDirectory(prefix="camserve-calibrate-") as work:
+        unpacked = Path(work) / "model"
+        try:
+            with zipfile.ZipFile(archive) as mar:
+                mar.extractall(unpacked)
+        except zipfile.BadZipFile:
+            raise ValueError(f"{archive} is not a model archive (.mar)") from None
+        manifest = json.loads((unpacked / "MAR-INF" / "MANIFEST.json").read_text())
+        original = manifest["model"]["modelName"]
+        name = name or f"{original}_calibrated"
+        export_path = Path(export_path) if export_path is not None else archive.parent
+        output = export_path / f"{name}.mar"
+        if output.resolve() == archive.resolve():
+            raise ValueError(f"refusing to overwrite the input archive {archive}")
+        config = yaml.safe_load((unpacked / MODEL_CONFIG).read_text()).get("handler", {})
+        max_pixels = int(config.get("max_pixels", 40_000_000))
+        statistics = calibrate_model_dir(
+            unpacked,
+            read_images(files, max_pixels, skip_unreadable),
+            source=f"{len(files)} files under {Path(image_folder).resolve()}",
+            total_images=len(files),
+            batch_size=batch_size,
+            progress=progress,
+        )
+        version = manifest["model"].get("modelVersion", "1.0")
+        return build_archive(unpacked, name, export_path, version), statistics
+
+
+def shapes_training_images(count: int) -> Iterator[Image.Image]:
+    """The first ``count`` images of the ``shapes`` training set (regenerated, not stored)."""
+    from camserve.shapes.dataset import TRAIN_SEED, render_sample
+
+    return (render_sample(TRAIN_SEED, index).image for index in range(count))

@@ -1,0 +1,109 @@
+"""Pick the Grad-CAM target layer automatically: the last spatial feature map before the head.
+
+The Grad-CAM paper explains the last convolutional feature map: it keeps the spatial
+layout while carrying the most class-specific features. We find it by running the model
+once and watching which modules finish, in order: the answer is the last module to finish
+whose output is an (N, K, h, w) tensor and which is, or contains, a convolution. Requiring a
+convolution skips pooling layers of the head (VGG's ``AdaptiveAvgPool2d((7, 7))`` still
+outputs a 4-D map) and normalisation layers (ConvNeXt's head ``LayerNorm2d``). Taking the last
+module to finish prefers the outermost container (``layer4`` over ``layer4.1``), whose name
+is stable across depths of the same family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class LayerOutput:
+    """A module that ran in the forward pass, with the shape of its (last) output."""
+
+    name: str
+    shape: tuple[int, ...]
+    has_conv: bool
+    finished: int  # position in the order modules finished
+
+
+def _has_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def trace_outputs(model: nn.Module, input_size: tuple[int, int]) -> list[LayerOutput]:
+    """Every named module whose output is a tensor, in the order the modules finished."""
+    finished: dict[str, tuple[int, tuple[int, ...]]] = {}
+    counter = iter(range(1 << 30))
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple, output) -> None:
+            if isinstance(output, Tensor):
+                # A module called twice (a shared ReLU) counts where it last finished.
+                finished[name] = (next(counter), tuple(output.shape))
+
+        return record
+
+    handles = [
+        module.register_forward_hook(hook(name))
+        for name, module in model.named_modules()
+        if name  # the root's output is the logits, never a candidate
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *input_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return sorted(
+        (
+            LayerOutput(name, shape, _has_conv(model.get_submodule(name)), order)
+            for name, (order, shape) in finished.items()
+        ),
+        key=lambda layer: layer.finished,
+    )
+
+
+def auto_target_layer(model: nn.Module, input_size: tuple[int, int]) -> str:
+    """Name of the last module finishing with a 4-D output that is or contains a Conv2d."""
+    candidates = [
+        layer
+        for layer in trace_outputs(model, input_size)
+        if len(layer.shape) == 4 and layer.has_conv
+    ]
+    if not candidates:
+        raise ValueError(
+            f"cannot pick a target layer automatically: no convolutional module of "
+            f"{type(model).__name__} outputs an (N, K, h, w) feature map at input size "
+            f"{tuple(input_size)}; name one with --target-layer"
+        )
+    return candidates[-1].name
+
+
+def check_target_layer(model: nn.Module, layer_name: str, input_size: tuple[int, int]) -> None:
+    """Raise a ``ValueError`` that lists usable names when ``layer_name`` cannot be explained."""
+    outputs = {layer.name: layer for layer in trace_outputs(model, input_size)}
+    spatial = [name for name, layer in outputs.items() if len(layer.shape) == 4 and layer.has_conv]
+    hint = ", ".join(spatial[-8:])
+    try:
+        model.get_submodule(layer_name)
+    except AttributeError:
+        raise ValueError(
+            f"{type(model).__name__} has no module named {layer_name!r}; "
+            f"the last feature maps are: {hint}"
+        ) from None
+    layer = outputs.get(layer_name)
+    if layer is None:
+        raise ValueError(
+            f"module {layer_name!r} does not run in the forward pass (or returns "
+            f"no tensor); the last feature maps are: {hint}"
+        )
+    if len(layer.shape) != 4:
+        raise ValueError(
+            f"module {layer_name!r} outputs shape {layer.shape}, not an (N, K, h, w) feature "
+            f"map; the last feature maps are: {hint}"
+        )
