@@ -7,7 +7,8 @@ INSTALLED := $(VENV)/.installed
 SHAPES_FILES := $(wildcard models/shapes/*)
 CORE_FILES := $(shell find camserve handlers -name '*.py' -o -name '*.json' 2>/dev/null)
 
-.PHONY: serve stop test lint format train evaluate archive venv clean monitor monitor-stop
+.PHONY: serve stop test lint format train evaluate archive venv clean monitor monitor-stop \
+	gallery kserve-bundle
 
 venv: $(INSTALLED)
 
@@ -59,6 +60,17 @@ train: $(INSTALLED)
 
 evaluate: $(INSTALLED)
 	$(PY) -m camserve.shapes.evaluate --model-dir models/shapes
+
+# Explanations on generated shapes images, most stable first: docs/gallery.png,
+# docs/overview.png (the README picture) and .run/gallery/index.html.
+gallery: $(INSTALLED)
+	$(PY) -m camserve.gallery --model-dir models/shapes --count 24 \
+		--png docs/gallery.png --overview docs/overview.png --html .run/gallery/index.html
+
+# The storage layout of KServe's TorchServe runtime: config/config.properties + model-store/*.mar.
+kserve-bundle: $(INSTALLED)
+	rm -rf .run/kserve-bundle
+	$(PY) -m camserve.kserve --model-dir models/shapes --name shapes --out .run/kserve-bundle
 
 clean:
 	rm -rf .run model_store/*.mar

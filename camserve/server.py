@@ -165,6 +165,9 @@ class LocalTorchServe:
         return {name: entry["key"] for name, entry in data.items() if isinstance(entry, dict)}
 
     def auth(self, kind: str = "inference") -> dict[str, str]:
+        # A config that turns tokens off (the KServe one) writes no key file: send none.
+        if self.properties.get("disable_token_authorization", "").lower() == "true":
+            return {}
         return {"Authorization": f"Bearer {self.keys()[kind]}"}
 
     def wait_ready(self, model: str, timeout: float = READY_TIMEOUT_S) -> None:

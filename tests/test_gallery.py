@@ -1,0 +1,35 @@
+"""`make gallery`: the contact sheet, the overview strip and the HTML page build and agree."""
+
+from __future__ import annotations
+
+import re
+
+from PIL import Image
+
+from camserve import gallery
+from tests.conftest import SHAPES_DIR
+
+
+def test_gallery_builds_sorted_most_stable_first(tmp_path):
+    png, strip, page = tmp_path / "g.png", tmp_path / "o.png", tmp_path / "site" / "index.html"
+    entries = gallery.build(SHAPES_DIR, 4, png, page, strip)
+
+    scores = [e.score for e in entries]
+    assert len(entries) == 4 and scores == sorted(scores)
+    assert sorted(e.index for e in entries) == [0, 1, 2, 3]
+
+    sheet = Image.open(png)
+    tile_w = 3 * gallery.PANEL + 2 * gallery.GAP
+    assert sheet.format == "PNG"
+    # Three tiles a row: two rows for four entries.
+    assert sheet.width >= 3 * tile_w and sheet.height >= 2 * (gallery.PANEL + gallery.CAPTION)
+    overview = Image.open(strip)
+    assert overview.width == sheet.width and overview.height < sheet.height
+
+    text = page.read_text()
+    page_scores = [float(s) for s in re.findall(r'<tr data-score="([0-9.]+)">', text)]
+    assert page_scores == [round(s, 6) for s in scores]
+    assert text.count('src="data:image/png;base64,') == 3 * len(entries)
+    # Each row names the true class of its generated image.
+    for entry in entries:
+        assert f"#{entry.index} {entry.true_label} -&gt; " in text
