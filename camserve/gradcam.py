@@ -11,6 +11,15 @@ from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
+class ClassMaps:
+    """Grad-CAM for further classes of the same images, from the same forward pass."""
+
+    targets: Tensor  # (N,)
+    signed_map: Tensor  # (N, h, w)
+    alpha: Tensor  # (N, K)
+
+
+@dataclass(frozen=True)
 class GradCamBatch:
     """Everything the response needs, at the target layer's resolution (h x w).
 
@@ -25,6 +34,7 @@ class GradCamBatch:
     alpha: Tensor
     channel_mean: Tensor
     channel_std: Tensor
+    extra: tuple[ClassMaps, ...] = ()
 
     @property
     def grad_cam(self) -> Tensor:
@@ -58,8 +68,14 @@ class GradCam:
         self._captum = LayerGradCam(self._explained_logit, self.layer)
         self._pass: dict = {}
 
-    def __call__(self, x: Tensor, targets: Sequence[int | None] | None = None) -> GradCamBatch:
-        """Explain each image of ``x`` for its target (``None`` means the top-1 class)."""
+    def __call__(
+        self, x: Tensor, targets: Sequence[int | None] | None = None, extra_classes: int = 0
+    ) -> GradCamBatch:
+        """Explain each image of ``x`` for its target (``None`` means the top-1 class).
+
+        ``extra_classes`` more maps per image explain the next most probable classes; they
+        reuse the forward pass and only backpropagate through the head after the layer.
+        """
         if targets is None:
             targets = [None] * x.shape[0]
         if len(targets) != x.shape[0]:
@@ -72,7 +88,12 @@ class GradCam:
         handle = self.layer.register_forward_hook(self._capture_activations)
         try:
             with torch.enable_grad():
-                signed = self._captum.attribute(x, relu_attributions=False)
+                signed = self._captum.attribute(
+                    x,
+                    relu_attributions=False,
+                    grad_kwargs={"retain_graph": True} if extra_classes else None,
+                )
+                extra = self._extra_class_maps(extra_classes) if extra_classes else ()
             run = self._pass
             activations: Tensor = run["activations"].detach()
             return GradCamBatch(
@@ -82,6 +103,7 @@ class GradCam:
                 alpha=run["alpha"],
                 channel_mean=activations.mean(dim=(2, 3)),
                 channel_std=activations.std(dim=(2, 3), correction=0),
+                extra=extra,
             )
         finally:
             handle.remove()
@@ -108,4 +130,27 @@ class GradCam:
         return logits.gather(1, targets[:, None]).squeeze(1)
 
     def _capture_alpha(self, gradient: Tensor) -> None:
-        self._pass["alpha"] = gradient.mean(dim=(2, 3))
+        self._pass.setdefault("alpha", gradient.mean(dim=(2, 3)))
+
+    def _extra_class_maps(self, count: int) -> tuple[ClassMaps, ...]:
+        run = self._pass
+        logits: Tensor = run["logits"]
+        activations: Tensor = run["activations"]
+        count = min(count, logits.shape[1] - 1)
+        # The next most probable classes, skipping the one already explained.
+        order = logits.detach().argsort(dim=1, descending=True)
+        others = order[order != run["targets"][:, None]].view(logits.shape[0], -1)[:, :count]
+        maps = []
+        for rank in range(count):
+            targets = others[:, rank]
+            # Examples do not interact in eval mode, so the batch sum gives each its own
+            # gradient; activations is a leaf, so this only runs the head backwards.
+            (gradient,) = torch.autograd.grad(
+                logits.gather(1, targets[:, None]).sum(),
+                activations,
+                retain_graph=rank < count - 1,
+            )
+            alpha = gradient.mean(dim=(2, 3))
+            signed = (alpha[:, :, None, None] * activations.detach()).sum(dim=1)
+            maps.append(ClassMaps(targets=targets, signed_map=signed, alpha=alpha))
+        return tuple(maps)

@@ -25,8 +25,9 @@ from camserve.errors import (
 )
 
 IMAGE_FIELDS = ("data", "body", "image", "file", "instances")
-OPTION_FIELDS = ("target", "topk", "images")
+OPTION_FIELDS = ("target", "topk", "images", "maps")
 MAX_TOPK = 1000
+MAX_MAPS = 5
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class RequestOptions:
     target: int | str | None = None
     topk: int | None = None
     images: bool = False
+    maps: int = 1  # how many classes get a map: the explained one, then the next most probable
 
 
 @dataclass(frozen=True)
@@ -171,19 +173,22 @@ def parse_options(raw: dict) -> RequestOptions:
     if isinstance(target, str) and not target:
         target = None
     return RequestOptions(
-        target=target, topk=_parse_topk(raw.get("topk")), images=_parse_flag(raw.get("images"))
+        target=target,
+        topk=_parse_count(raw.get("topk"), "topk", MAX_TOPK),
+        images=_parse_flag(raw.get("images")),
+        maps=_parse_count(raw.get("maps"), "maps", MAX_MAPS) or 1,
     )
 
 
-def _parse_topk(value) -> int | None:
+def _parse_count(value, name: str, limit: int) -> int | None:
     if value is None or value == "":
         return None
     # isdigit() alone accepts "²" and other digits int() refuses.
     if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,9}\s*", value):
         value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_TOPK:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
         raise input_error(
-            BAD_OPTION, f"'topk' must be an integer from 1 to {MAX_TOPK}, got {value!r}"
+            BAD_OPTION, f"'{name}' must be an integer from 1 to {limit}, got {value!r}"
         )
     return value
 

@@ -30,11 +30,6 @@ def explanation_json(
     """The response body; ``preprocessing`` lets the ``images`` block undo the normalisation."""
     probabilities = explained.probabilities
     top = torch.topk(probabilities, explained.topk)
-    grad_cam = explained.grad_cam
-    peak = float(grad_cam.max())
-    normalised = grad_cam / peak if peak > 0 else grad_cam
-    h, w = grad_cam.shape
-    score = explained.zero_reference
     target = explained.target
     body = {
         "model": model_name,
@@ -50,16 +45,29 @@ def explanation_json(
         },
         "target_layer": target_layer,
         "input_size": list(explained.prepared.tensor.shape[-2:]),
-        "grad_cam": {
-            "shape": [h, w],
-            "empty": peak <= 0,
-            "map": _rounded_rows(normalised),
-        },
-        "zero_reference": _rounded(asdict(score)),
+        "grad_cam": _map_json(explained.grad_cam),
+        "zero_reference": _rounded(asdict(explained.zero_reference)),
     }
+    if explained.more:
+        body["more_explanations"] = [
+            {
+                "index": other.target,
+                "label": labels[other.target],
+                "probability": round(float(probabilities[other.target]), 6),
+                "grad_cam": _map_json(other.grad_cam),
+                "zero_reference": _rounded(asdict(other.zero_reference)),
+            }
+            for other in explained.more
+        ]
     if explained.prepared.options.images:
         body["images"] = images_json(explained, preprocessing)
     return body
+
+
+def _map_json(grad_cam: torch.Tensor) -> dict:
+    peak = float(grad_cam.max())
+    normalised = grad_cam / peak if peak > 0 else grad_cam
+    return {"shape": list(grad_cam.shape), "empty": peak <= 0, "map": _rounded_rows(normalised)}
 
 
 def _rounded_rows(grid: torch.Tensor) -> list[list[float]]:

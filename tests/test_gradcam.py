@@ -87,3 +87,24 @@ def test_batch_invariance(shapes_explainer):
         alone = shapes_explainer.gradcam(x[i : i + 1])
         torch.testing.assert_close(alone.grad_cam[0], batched.grad_cam[i], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(alone.logits[0], batched.logits[i], atol=1e-5, rtol=1e-4)
+
+
+def test_extra_class_maps_equal_captum_and_reuse_the_forward(model_and_layer):
+    model, layer, size = model_and_layer
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(6))
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        result = GradCam(model, layer)(x, [None, 1], extra_classes=2)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    assert len(result.extra) == 2
+    order = result.logits.argsort(dim=1, descending=True)
+    assert result.extra[0].targets[0] == order[0, 1] and result.extra[1].targets[0] == order[0, 2]
+    for maps in result.extra:
+        assert not (maps.targets == result.targets).any()
+        expected = LayerGradCam(model, model.get_submodule(layer)).attribute(
+            x, target=maps.targets.tolist()
+        )[:, 0]
+        torch.testing.assert_close(maps.signed_map, expected.detach(), atol=1e-5, rtol=0)

@@ -65,3 +65,12 @@ def test_readme_shows_the_schema_file_verbatim():
     )
     end = readme.index("```\n<!-- schema:end -->")
     assert readme[start:end] == (REPO / "camserve/schema/response.schema.json").read_text()
+
+
+def test_maps_option_explains_the_next_classes(shapes_explainer):
+    body = explain(shapes_explainer, RequestOptions(maps=3, topk=3))
+    VALIDATOR.validate(body)
+    more = body["more_explanations"]
+    assert [m["index"] for m in more] == [p["index"] for p in body["predictions"][1:3]]
+    assert all(m["grad_cam"]["shape"] == [8, 8] for m in more)
+    assert "more_explanations" not in explain(shapes_explainer)
