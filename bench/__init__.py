@@ -1,0 +1,1 @@
+"""Benchmarks: camserve's explained prediction against a plain prediction and the alternatives."""

@@ -1,0 +1,167 @@
+"""In-process comparison at batch 1 and 8: plain forward, camserve, and the alternatives.
+
+All candidates run interleaved in the same process on the same input tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import statistics
+import time
+
+import torch
+import torchvision
+from captum.attr import IntegratedGradients, LayerGradCam
+from torch import nn
+
+from bench.timing import interleaved
+from camserve.explainer import Explainer, ExplainerConfig, PreparedImage
+from camserve.preprocess import Preprocessing
+from camserve.request import ParsedRequest, RequestOptions
+from camserve.response import explanation_json
+
+SHAPES_DIR = "models/shapes"
+
+
+def resnet50_explainer() -> Explainer:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None)
+    labels = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
+    config = ExplainerConfig(
+        architecture="resnet50",
+        weights="",
+        target_layer="layer4",
+        preprocessing=Preprocessing(input_size=(224, 224)),
+        topk=5,
+    )
+    return Explainer(model, list(labels), config)
+
+
+def explainers(names: list[str]) -> dict[str, Explainer]:
+    factories = {
+        "resnet50": resnet50_explainer,
+        "shapes": lambda: Explainer.from_directory(SHAPES_DIR),
+    }
+    return {name: factories[name]() for name in names}
+
+
+def prepared_batch(
+    explainer: Explainer, batch: int, seed: int = 0, options: RequestOptions | None = None
+) -> list[PreparedImage]:
+    size = explainer.config.preprocessing.input_size
+    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+    options = options or RequestOptions()
+    return [
+        PreparedImage(
+            tensor=x[i], target=None, topk=explainer.config.topk, options=options, image=None
+        )
+        for i in range(batch)
+    ]
+
+
+def candidates(explainer: Explainer, batch: int, with_slow: bool = True) -> dict:
+    prepared = prepared_batch(explainer, batch)
+    prepared_top3 = prepared_batch(explainer, batch, options=RequestOptions(maps=3))
+    x = torch.stack([p.tensor for p in prepared])
+    frozen = explainer.model
+    layer_name = explainer.config.target_layer
+    trainable = copy.deepcopy(frozen).eval()
+    for parameter in trainable.parameters():
+        parameter.requires_grad_(True)
+    trainable_layer = trainable.get_submodule(layer_name)
+    naive_captum = LayerGradCam(trainable, trainable_layer)
+
+    def plain():
+        with torch.inference_mode():
+            return frozen(x)
+
+    def ours():
+        return explainer.explain(prepared)
+
+    def ours_top3():
+        return explainer.explain(prepared_top3)
+
+    def captum_naive():
+        with torch.no_grad():
+            targets = trainable(x).argmax(dim=1).tolist()
+        return naive_captum.attribute(x, target=targets, relu_attributions=True)
+
+    runs = {
+        "plain": plain,
+        "camserve": ours,
+        "camserve_top3": ours_top3,
+        "captum_naive": captum_naive,
+    }
+    if with_slow:
+        from pytorch_grad_cam import GradCAM
+
+        grad_cam_package = GradCAM(model=trainable, target_layers=[trainable_layer])
+        runs["grad_cam_package"] = lambda: grad_cam_package(input_tensor=x, targets=None)
+        runs["torchserve_ig"] = _torchserve_integrated_gradients(trainable, x)
+    return runs
+
+
+def _torchserve_integrated_gradients(model: nn.Module, x: torch.Tensor):
+    """TorchServe's own explain path: VisionHandler.get_insights (Captum IG, 15 steps)."""
+    from ts.torch_handler.vision_handler import VisionHandler
+
+    handler = VisionHandler()
+    handler.model = model
+    handler.ig = IntegratedGradients(model)
+
+    def run():
+        with contextlib.redirect_stdout(io.StringIO()):  # get_insights prints the shape
+            return handler.get_insights(x, None, target=0)
+
+    return run
+
+
+def encode_share(explainer: Explainer, image_bytes: bytes, repeats: int = 30) -> dict:
+    """Share of a batch-1 request's in-process time spent encoding the response, for plain
+    JSON and for JSON with the PNG images."""
+    shares = {}
+    for images in (False, True):
+        request = ParsedRequest(image_bytes, RequestOptions(images=images))
+        totals, encodes = [], []
+        for _ in range(repeats + 3):
+            start = time.perf_counter()
+            [result] = explainer.explain([explainer.prepare(request)])
+            middle = time.perf_counter()
+            body = explanation_json(
+                result,
+                explainer.labels,
+                explainer.config.target_layer,
+                "m",
+                explainer.config.preprocessing,
+            )
+            json.dumps(body, separators=(",", ":"))
+            end = time.perf_counter()
+            totals.append(end - start)
+            encodes.append(end - middle)
+        total, encode = statistics.median(totals[3:]), statistics.median(encodes[3:])
+        shares["with_png" if images else "json_only"] = {
+            "encode_median_s": round(encode, 6),
+            "request_median_s": round(total, 6),
+            "encode_share": round(encode / total, 4),
+        }
+    return shares
+
+
+def run(models: list[str], batches: list[int], repeats: int, with_slow: bool = True) -> dict:
+    results = {}
+    for name, explainer in explainers(models).items():
+        for batch in batches:
+            stats = interleaved(
+                candidates(explainer, batch, with_slow),
+                repeats=repeats,
+                slow_repeats={"torchserve_ig": max(2, repeats // 5)},
+            )
+            plain = stats["plain"].median_s
+            results[f"{name}/batch{batch}"] = {
+                "stats": {k: v.to_json() for k, v in stats.items()},
+                "ratio_to_plain": {k: round(v.median_s / plain, 3) for k, v in stats.items()},
+            }
+    return results

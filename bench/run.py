@@ -1,0 +1,179 @@
+"""``make bench``: in-process and end-to-end comparisons, written to bench/results/.
+
+python -m bench.run              # the full run (about 10-15 minutes on 2 cores)
+python -m bench.run --smoke      # seconds; keeps the harness from rotting
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench import e2e, inprocess
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+TARGETS = {
+    "inprocess_ratio_max": 1.10,
+    "e2e_c1_p50_ratio_max": 1.10,
+    "e2e_c8_throughput_ratio_min": 0.90,
+    "peak_rss_ratio_max": 1.15,
+    "encode_share_max": 0.05,
+    "topk3_ratio_max": 1.30,
+}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def verdicts(inproc: dict, end_to_end: dict, encode: dict) -> dict:
+    checks = {}
+    for key, value in inproc.items():
+        ratio = value["ratio_to_plain"]["camserve"]
+        checks[f"inprocess {key} camserve/plain = {ratio}"] = (
+            ratio <= TARGETS["inprocess_ratio_max"]
+        )
+        if "camserve_top3" in value["ratio_to_plain"]:
+            top3 = value["ratio_to_plain"]["camserve_top3"] / ratio
+            checks[f"inprocess {key} top-3 maps / single = {top3:.3f}"] = (
+                top3 <= TARGETS["topk3_ratio_max"]
+            )
+    for model, value in end_to_end.items():
+        r = value["ratios"]
+        checks[f"e2e {model} c1 p50 ratio = {r['c1_p50_latency']}"] = (
+            r["c1_p50_latency"] <= TARGETS["e2e_c1_p50_ratio_max"]
+        )
+        checks[f"e2e {model} c8 throughput ratio = {r['c8_throughput']}"] = (
+            r["c8_throughput"] >= TARGETS["e2e_c8_throughput_ratio_min"]
+        )
+        checks[f"e2e {model} peak worker RSS ratio = {r['peak_worker_rss']}"] = (
+            r["peak_worker_rss"] <= TARGETS["peak_rss_ratio_max"]
+        )
+    for model, modes in encode.items():
+        for mode, value in modes.items():
+            checks[f"encode share {model} {mode} = {value['encode_share']}"] = (
+                value["encode_share"] <= TARGETS["encode_share_max"]
+            )
+    return checks
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    inproc = results["inprocess"]
+    names = [n for n in next(iter(inproc.values()))["ratio_to_plain"] if n != "plain"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(inproc)
+    for offset, (key, value) in enumerate(inproc.items()):
+        ratios = [value["ratio_to_plain"].get(n, float("nan")) for n in names]
+        positions = [i + offset * width for i in range(len(names))]
+        axes[0].bar(positions, ratios, width, label=key)
+    axes[0].set_xticks([i + width * (len(inproc) - 1) / 2 for i in range(len(names))], names,
+                       rotation=20)  # fmt: skip
+    axes[0].set_yscale("log")
+    axes[0].axhline(1.0, color="black", linewidth=0.8)
+    axes[0].set_ylabel("time / plain forward (log)")
+    axes[0].set_title("In-process, same run")
+    axes[0].legend(fontsize=7)
+    e2e_results = results.get("e2e", {})
+    labels, values = [], []
+    for model, value in e2e_results.items():
+        for metric, ratio in value["ratios"].items():
+            labels.append(f"{model}\n{metric}")
+            values.append(ratio)
+    axes[1].bar(range(len(values)), values, color="tab:green")
+    axes[1].set_xticks(range(len(values)), labels, fontsize=7)
+    axes[1].axhline(1.0, color="black", linewidth=0.8)
+    axes[1].set_ylabel("camserve / plain handler")
+    axes[1].set_title("TorchServe end to end")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny run for the test suite")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="bench")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.smoke:
+        models, batches, repeats, slow = ["shapes"], [1, 2], 3, False
+        e2e_models, c1_requests, c8_seconds, rounds = ["shapes"], 5, 2.0, 1
+    else:
+        models, batches, repeats, slow = ["resnet50", "shapes"], [1, 8], 15, True
+        e2e_models, c1_requests, c8_seconds, rounds = ["shapes", "resnet50"], 60, 20.0, 2
+    started = datetime.datetime.now(datetime.UTC)
+    results: dict = {
+        "command": " ".join(
+            [Path(sys.executable).name, "-m", "bench.run", *(argv or sys.argv[1:])]
+        ),
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "targets": TARGETS,
+    }
+    results["inprocess"] = inprocess.run(models, batches, repeats, with_slow=slow)
+    explainers = inprocess.explainers(e2e_models)
+    results["encode"] = {
+        name: inprocess.encode_share(explainer, e2e.jpeg_images(Path(tempfile.mkdtemp()),
+                                     explainer.config.preprocessing.input_size[0])[0].read_bytes())
+        for name, explainer in explainers.items()
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="camserve-bench-") as work:
+        work_path = Path(work)
+        model_dirs = {"shapes": REPO / "models" / "shapes"}
+        if "resnet50" in e2e_models:
+            model_dirs["resnet50"] = e2e.resnet50_dir(work_path)
+        results["e2e"] = e2e.run(
+            work_path,
+            {m: model_dirs[m] for m in e2e_models},
+            {"shapes": 64, "resnet50": 256},
+            c1_requests,
+            c8_seconds,
+            rounds,
+        )
+    checks = verdicts(results["inprocess"], results["e2e"], results["encode"])
+    results["verdicts"] = checks
+    results["seconds"] = round((datetime.datetime.now(datetime.UTC) - started).total_seconds(), 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{started:%Y-%m-%d}-{args.name}{'-smoke' if args.smoke else ''}"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    chart(results, args.out / f"{stem}.png")
+    for check, ok in checks.items():
+        print(("PASS " if ok else "MISS ") + check)
+    print(f"wrote {args.out / (stem + '.json')} and .png in {results['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
