@@ -8,7 +8,7 @@ SHAPES_FILES := $(wildcard models/shapes/*)
 CORE_FILES := $(shell find camserve handlers -name '*.py' -o -name '*.json' 2>/dev/null)
 
 .PHONY: serve stop test lint format train evaluate archive venv clean monitor monitor-stop \
-	gallery kserve-bundle
+	gallery kserve-bundle bench
 
 venv: $(INSTALLED)
 
@@ -71,6 +71,16 @@ gallery: $(INSTALLED)
 kserve-bundle: $(INSTALLED)
 	rm -rf .run/kserve-bundle
 	$(PY) -m camserve.kserve --model-dir models/shapes --name shapes --out .run/kserve-bundle
+
+# Performance against a plain prediction and the alternatives (about 10-15 minutes):
+# writes bench/results/<date>-bench.json and .png. Not part of `make test`.
+BENCH_INSTALLED := $(VENV)/.bench-installed
+$(BENCH_INSTALLED): $(INSTALLED) requirements-bench.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.lock
+	touch $@
+
+bench: $(BENCH_INSTALLED)
+	$(PY) -m bench.run
 
 clean:
 	rm -rf .run model_store/*.mar

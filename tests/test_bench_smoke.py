@@ -1,0 +1,31 @@
+"""A tiny run of the benchmark harness, so that `make bench` does not rot. It checks that the
+harness works and reports what it should, not how fast anything is."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import run
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_smoke_run_writes_results_and_chart(tmp_path):
+    assert run.main(["--smoke", "--out", str(tmp_path), "--name", "smoke"]) == 0
+    [result_file] = tmp_path.glob("*-smoke-smoke.json")
+    results = json.loads(result_file.read_text())
+    assert result_file.with_suffix(".png").stat().st_size > 1000
+    assert results["machine"]["logical_cores"] >= 1 and "bench.run" in results["command"]
+    for key in ("shapes/batch1", "shapes/batch2"):
+        ratios = results["inprocess"][key]["ratio_to_plain"]
+        assert set(ratios) == {"plain", "camserve", "camserve_top3", "captum_naive"}
+        assert ratios["plain"] == 1.0 and all(r > 0 for r in ratios.values())
+    e2e = results["e2e"]["shapes"]
+    for variant in ("plain", "camserve"):
+        assert set(e2e["variants"][variant]["statuses"]) == {"200"}
+        assert e2e["variants"][variant]["peak_worker_rss_mb"] > 50
+    assert set(e2e["ratios"]) == {"c1_p50_latency", "c8_throughput", "peak_worker_rss"}
+    assert set(results["encode"]["shapes"]) == {"json_only", "with_png"}
+    assert results["verdicts"]
