@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torchvision
 
 from camserve.archive import build_archive
 from camserve.explainer import Explainer
-from camserve.server import LocalTorchServe
+from camserve.server import LocalTorchServe, free_port
 from camserve.shapes.dataset import HELD_OUT_SEED, render_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,9 +60,25 @@ def model_store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, model_store):
     """A real TorchServe with its own ports, TMPDIR and working directory."""
-    ts = LocalTorchServe.on_free_ports(
-        tmp_path_factory.mktemp("torchserve"), CONFIG, model_store
-    )
+    ts = LocalTorchServe.on_free_ports(tmp_path_factory.mktemp("torchserve"), CONFIG, model_store)
     ts.start()
+    yield ts
+    ts.stop()
+
+
+@pytest.fixture(scope="session")
+def production_server(tmp_path_factory, model_store):
+    """TorchServe with config/production.properties; its inference address comes from
+    TS_INFERENCE_ADDRESS (enable_envvars_config), as a deployment would set it."""
+    ts = LocalTorchServe.on_free_ports(
+        tmp_path_factory.mktemp("production"),
+        REPO / "config" / "production.properties",
+        model_store,
+    )
+    ts.file_inference_address = ts.properties["inference_address"]
+    env_address = f"http://127.0.0.1:{free_port()}"
+    with mock.patch.dict("os.environ", {"TS_INFERENCE_ADDRESS": env_address}):
+        ts.start()
+    ts.properties["inference_address"] = env_address
     yield ts
     ts.stop()
