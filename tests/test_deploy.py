@@ -3,6 +3,7 @@ InferenceService manifest."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -34,26 +35,45 @@ def test_hadolint_really_checks(tmp_path):
     assert done.returncode != 0 and "DL3007" in done.stdout
 
 
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    joined = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    lines = [line.strip() for line in joined.splitlines()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+        for line in lines
+        if line and not line.startswith("#")
+    ]
+
+
 def test_dockerfile_serves_our_archive_with_the_production_config():
-    text = DOCKERFILE.read_text()
-    assert re.search(r"^FROM pytorch/torchserve:0\.12\.0-cpu$", text, re.MULTILINE)
-    sources = re.findall(r"^COPY (?:--\S+ )*(\S+) \S+$", text, re.MULTILINE)
-    assert "config/production.properties" in sources and "model_store/shapes.mar" in sources
+    steps = instructions()
+    assert steps[0] == ("FROM", "pytorch/torchserve:0.12.0-cpu")
+    sources = []
+    for kind, args in steps:
+        if kind == "COPY":
+            words = [w for w in args.split() if not w.startswith("--")]
+            sources += words[:-1]
+    assert {"config/production.properties", "model_store/shapes.mar"} <= set(sources)
     for source in sources:
         # The archive is built by `make archive`; everything else is in the repository.
         assert source == "model_store/shapes.mar" or (REPO / source).is_file(), source
+    [entrypoint] = [json.loads(args) for kind, args in steps if kind == "ENTRYPOINT"]
+    assert entrypoint[entrypoint.index("--ts-config") + 1] == "config/production.properties"
 
 
-def test_container_config_keeps_the_security_defaults():
-    production = REPO / "config" / "production.properties"
-    merged = {
-        **read_properties(production),
-        **read_properties(REPO / "deploy" / "container.properties"),
-    }
-    assert merged["inference_address"] == "http://0.0.0.0:8080"
-    assert "127.0.0.1" in merged.get("management_address", "http://127.0.0.1:8081")
-    assert merged.get("disable_token_authorization", "false") == "false"
-    assert merged.get("enable_model_api", "false") == "false"
+def test_container_keeps_the_production_security_settings():
+    settings = read_properties(REPO / "config" / "production.properties")
+    env = dict(args.split("=", 1) for kind, args in instructions() if kind == "ENV")
+    # Only inference leaves the container's loopback, through TorchServe's env override,
+    # which the production config must allow.
+    assert env["TS_INFERENCE_ADDRESS"] == "http://0.0.0.0:8080"
+    assert settings["enable_envvars_config"] == "true"
+    assert not any(k.startswith("TS_") and k != "TS_INFERENCE_ADDRESS" for k in env)
+    for key in ("management_address", "metrics_address"):
+        assert settings[key].startswith("http://127.0.0.1:")
+    assert settings["disable_token_authorization"] == "false"
+    assert settings["enable_model_api"] == "false"
 
 
 def test_inferenceservice_manifest():
