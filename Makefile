@@ -8,7 +8,7 @@ SHAPES_FILES := $(wildcard models/shapes/*)
 CORE_FILES := $(shell find camserve handlers -name '*.py' -o -name '*.json' 2>/dev/null)
 
 .PHONY: serve stop test lint format train evaluate archive venv clean monitor monitor-stop \
-	gallery kserve-bundle bench
+	gallery kserve-bundle bench soak
 
 venv: $(INSTALLED)
 
@@ -44,6 +44,12 @@ test: model_store/shapes.mar
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
+
+# The long reliability run (docs/reliability.md): 32 verified clients for 2 minutes on the
+# production config (worker RSS compared after minute 1), then a worker kill mid-load.
+# Writes bench/results/<date>-soak.json; exits non-zero when a check fails.
+soak: $(INSTALLED)
+	$(PY) -m tests.load --clients 32 --duration 120 --warmup 60
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

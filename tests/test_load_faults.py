@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import held_out
 from tests.live import response_timeout, worker_processes
-from tests.load import crash_run, expected_answers, run_load
+from tests.load import crash_run, expected_answers, rss_growth, run_load
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +39,10 @@ def test_short_load_with_dynamic_batching(production_server, images, record_prop
     assert summary["statuses"] == {"200": summary["requests"]}, summary
     assert summary["wrong_answers"] == 0
     assert all(o.correct for o in report.outcomes)
+    rss = rss_growth(report, after_s=LOAD_S / 3)  # autograd graphs or hooks kept would grow it
+    record_property("rss", json.dumps(rss))
+    print("rss:", json.dumps(rss))
+    assert rss["growth"] < 0.05, rss
     log = (production_server.workdir / "logs" / "model_log.log").read_text()
     batch_sizes = [
         int(line.split("camserve batch: ")[1].split(" items")[0])
