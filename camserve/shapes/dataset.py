@@ -22,8 +22,9 @@ HELD_OUT_SEED = 2
 @dataclass(frozen=True)
 class ShapeSample:
     image: Image.Image
-    mask: np.ndarray  # bool, H x W, True on the object
+    mask: np.ndarray  # bool, H x W: the object's extent (a ring's includes its hole)
     label: int
+    ink: np.ndarray  # bool, H x W: only the pixels painted with the object's colour
 
 
 def render_sample(seed: int, index: int, size: int = IMAGE_SIZE) -> ShapeSample:
@@ -38,17 +39,26 @@ def render_sample(seed: int, index: int, size: int = IMAGE_SIZE) -> ShapeSample:
     cx = rng.uniform(extent / 2 + 2, size - extent / 2 - 2)
     cy = rng.uniform(extent / 2 + 2, size - extent / 2 - 2)
     angle = rng.uniform(-math.pi, math.pi)
-    mask_image = Image.new("L", (size, size), 0)
+    ink_image = Image.new("L", (size, size), 0)
     colour = _contrasting_colour(rng, image, cx, cy)
-    for target, fill in ((draw, colour), (ImageDraw.Draw(mask_image), 255)):
+    for target, fill in ((draw, colour), (ImageDraw.Draw(ink_image), 255)):
         _draw_shape(target, CLASSES[label], cx, cy, extent, angle, fill)
+    mask_image = ink_image.copy()
+    if CLASSES[label] == "ring":
+        # A peak in the hole points at the ring: its extent is the disk it bounds.
+        _draw_shape(ImageDraw.Draw(mask_image), "circle", cx, cy, extent, angle, 255)
 
     pixels = np.asarray(image, dtype=np.float32)
     pixels += noise.normal(0.0, rng.uniform(4.0, 14.0), pixels.shape)
     image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
     if rng.random() < 0.3:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
-    return ShapeSample(image=image, mask=np.asarray(mask_image) > 127, label=label)
+    return ShapeSample(
+        image=image,
+        mask=np.asarray(mask_image) > 127,
+        label=label,
+        ink=np.asarray(ink_image) > 127,
+    )
 
 
 def _background(rng: random.Random, noise: np.random.Generator, size: int) -> Image.Image:

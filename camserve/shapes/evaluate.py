@@ -1,5 +1,6 @@
-"""Measure the ``shapes`` model on a held-out generated set: accuracy, Grad-CAM pointing game,
-share of map mass inside the object mask, and the zero-reference score distribution.
+"""Measure the ``shapes`` model on a held-out generated set: accuracy, Grad-CAM pointing game
+(the upsampled map's peak inside the object's extent; also reported against the painted
+pixels only), share of map mass inside the extent, and the zero-reference score distribution.
 
     python -m camserve.shapes.evaluate --model-dir models/shapes
 """
@@ -19,8 +20,9 @@ from camserve.shapes.dataset import HELD_OUT_SEED, generate
 
 
 def evaluate(explainer: Explainer, count: int, batch_size: int = 64) -> dict:
-    correct = pointing = 0
+    correct = pointing = pointing_ink = 0
     inside_mass: list[float] = []
+    area: list[float] = []
     scores: list[float] = []
     worst: list[float] = []
     empty = 0
@@ -37,6 +39,7 @@ def evaluate(explainer: Explainer, count: int, batch_size: int = 64) -> dict:
                 align_corners=False,
             )[0, 0]
             mask = torch.from_numpy(sample.mask)
+            area.append(float(mask.float().mean()))
             total = float(upsampled.sum())
             if total <= 0:
                 empty += 1
@@ -44,6 +47,7 @@ def evaluate(explainer: Explainer, count: int, batch_size: int = 64) -> dict:
             else:
                 peak = int(upsampled.argmax())
                 pointing += bool(mask.flatten()[peak])
+                pointing_ink += bool(sample.ink.flatten()[peak])
                 inside_mass.append(float(upsampled[mask].sum()) / total)
             scores.append(result.zero_reference.score)
             worst.append(result.zero_reference.worst_case.score)
@@ -52,7 +56,9 @@ def evaluate(explainer: Explainer, count: int, batch_size: int = 64) -> dict:
         "count": count,
         "accuracy": correct / count,
         "pointing_game": pointing / count,
+        "pointing_game_ink_only": pointing_ink / count,
         "mass_inside_mask_mean": statistics.fmean(inside_mass),
+        "mask_area_fraction_mean": statistics.fmean(area),
         "empty_maps": empty,
         "score_median": statistics.median(scores),
         "score_p90": statistics.quantiles(scores, n=10)[-1],
