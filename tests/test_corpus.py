@@ -19,6 +19,9 @@ pytestmark = pytest.mark.integration
 MAX_REQUEST_SIZE = int(read_properties(CONFIG)["max_request_size"])
 CASES = build_corpus(MAX_REQUEST_SIZE)
 BATCH = 8
+BATCHED = [c for c in CASES if c.expect != FRONTEND_413]  # the rest never reaches a worker
+# Each batch: 4 corpus cases and good images to fill it up to 8.
+GOOD_NEEDED = -(-len(BATCHED) // (BATCH // 2)) * BATCH - len(BATCHED)
 TIMEOUT_S = 120  # a bound that catches a hang; answers take well under a second
 
 
@@ -93,20 +96,35 @@ def batching_server(tmp_path_factory):
     ts.stop()
 
 
-def test_bad_inputs_mixed_into_batches_leave_good_images_correct(batching_server, server):
-    cases = [c for c in CASES if c.expect != FRONTEND_413]
+@pytest.fixture(scope="module")
+def good_images(server) -> list[Case]:
+    """Held-out images the model gets right when sent alone: in a mixed batch each must
+    get that same answer, so a wrong one means the batch hurt it, not model error."""
+    cases = []
+    for index in range(100, 300):
+        sample = held_out(index)
+        body = png_bytes(sample.image)
+        if answer_for(server, body)["predictions"][0]["index"] == sample.label:
+            cases.append(
+                Case(f"good_{index}", OK, 200, body=body, same_as=body, label=sample.label)
+            )
+        if len(cases) == GOOD_NEEDED:
+            break
+    assert len(cases) == GOOD_NEEDED, f"only {len(cases)} of 200 held-out images right"
+    return cases
+
+
+def test_bad_inputs_mixed_into_batches_leave_good_images_correct(
+    batching_server, server, good_images
+):
+    cases = BATCHED
     half = BATCH // 2
     workers = {p.pid for p in worker_processes(batching_server)}
-    good_index = 100
+    goods = iter(good_images)
     with ThreadPoolExecutor(max_workers=BATCH) as pool:
         for start in range(0, len(cases), half):
             chunk = cases[start : start + half]
-            goods = [held_out(good_index + i) for i in range(BATCH - len(chunk))]
-            good_index += len(goods)
-            good_cases = [
-                Case(f"good_{good_index}_{i}", OK, 200, body=png_bytes(g.image), label=g.label)
-                for i, g in enumerate(goods)
-            ]
+            good_cases = [next(goods) for _ in range(BATCH - len(chunk))]
             mixed = [c for pair in zip(chunk, good_cases, strict=False) for c in pair]
             mixed += good_cases[len(chunk) :]
             replies = list(pool.map(lambda c: post_case(batching_server, c), mixed))
