@@ -77,13 +77,23 @@ class Telemetry:
         self.cache = cache
         self.metric_types = metric_types
         self.model_name = model_name
+        self._failed: set[str] = set()
 
     def _record(self, name: str, value: float, *labels: str) -> None:
         try:
             metric = self.cache.get_metric(name, self.metric_types(METRICS[name]))
             metric.add_or_update(value, [*labels, self.model_name, LEVEL])
-        except Exception:  # noqa: BLE001 - a metrics problem must never fail a prediction
-            log.exception("could not record metric %s", name)
+        except Exception as err:  # noqa: BLE001 - a metrics problem must never fail a prediction
+            # Typically a server started without camserve's metrics.yaml: say so once per
+            # metric instead of once per request.
+            if name not in self._failed:
+                self._failed.add(name)
+                log.warning(
+                    "could not record metric %s (%s); is metrics_config set to camserve's "
+                    "config/metrics.yaml?",
+                    name,
+                    err,
+                )
 
     def loaded(self, compensable: bool) -> None:
         """At model load: set the gauge and create every counter series at 0.

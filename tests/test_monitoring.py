@@ -190,6 +190,21 @@ def test_recorder_emits_what_torchserve_accepts(shapes_explainer, caplog):
     assert len({key for key in emitted if key[0] == telemetry.SCORE_BANDS_METRIC}) == 10
 
 
+def test_recorder_without_our_metrics_yaml_warns_once_and_never_raises(caplog):
+    """Served with TorchServe's default metrics.yaml, predictions still work; the log says
+    once per metric what is missing instead of once per request."""
+    cache = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    cache.initialize_cache()
+    recorder = telemetry.Telemetry(cache, MetricTypes, MODEL)
+    with caplog.at_level(logging.WARNING, logger="camserve.telemetry"):
+        for _ in range(3):
+            recorder.error("bad_option")
+            recorder.stage("encode", 0.001)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "camserve.telemetry"]
+    assert len(warnings) == 2
+    assert all("metrics_config" in message for message in warnings)
+
+
 # --- Prometheus rules, Grafana dashboard ----------------------------------------------------
 
 
