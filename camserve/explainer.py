@@ -54,12 +54,15 @@ class ExplainerConfig:
     calibration: str | None = None
     model_file: str | None = None
     model_class: str | None = None
+    # Per-class metric series (camserve.telemetry); only for models with few classes.
+    class_metrics: bool = False
 
     @classmethod
     def from_handler_section(cls, section: dict) -> ExplainerConfig:
         known = {
             "architecture", "weights", "target_layer", "preprocessing", "labels", "topk",
             "epsilon", "threshold", "max_pixels", "calibration", "model_file", "model_class",
+            "class_metrics",
         }  # fmt: skip
         unknown = set(section) - known
         if unknown:
@@ -80,6 +83,7 @@ class ExplainerConfig:
             calibration=section.get("calibration"),
             model_file=section.get("model_file"),
             model_class=section.get("model_class"),
+            class_metrics=bool(section.get("class_metrics", False)),
         )
 
     def to_handler_section(self) -> dict:
@@ -97,6 +101,8 @@ class ExplainerConfig:
         for key in ("calibration", "model_file", "model_class"):
             if getattr(self, key) is not None:
                 section[key] = getattr(self, key)
+        if self.class_metrics:
+            section["class_metrics"] = True
         return section
 
 
