@@ -40,7 +40,9 @@ def assert_explains(response, label):
 def test_image_bytes(server, fmt):
     for index in range(3):
         sample = held_out(index)
-        response = post(server, png_bytes(sample.image, fmt, **({"quality": 95} if fmt == "JPEG" else {})))
+        response = post(
+            server, png_bytes(sample.image, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        )
         body = assert_explains(response, CLASSES[sample.label])
         assert body["zero_reference"]["compensable"] is True
         assert body["zero_reference"]["reference"] == "image_mean"
@@ -49,7 +51,11 @@ def test_image_bytes(server, fmt):
 def test_json_body_with_a_target(server):
     sample = held_out(4)
     other = CLASSES[(sample.label + 1) % len(CLASSES)]
-    payload = {"image": base64.b64encode(png_bytes(sample.image)).decode(), "target": other, "topk": 6}
+    payload = {
+        "image": base64.b64encode(png_bytes(sample.image)).decode(),
+        "target": other,
+        "topk": 6,
+    }
     response = post(server, json=payload)
     body = assert_explains(response, CLASSES[sample.label])
     assert body["explained"]["label"] == other and body["explained"]["requested"] is True
@@ -119,9 +125,12 @@ def test_corrupt_image_in_a_concurrent_batch(batching_server):
     paths = ["predictions", "explanations", "predictions", "predictions"]
     with ThreadPoolExecutor(max_workers=4) as pool:
         responses = list(
-            pool.map(lambda args: post(batching_server, args[0], path=args[1]), zip(bodies, paths))
+            pool.map(
+                lambda args: post(batching_server, args[0], path=args[1]),
+                zip(bodies, paths, strict=True),
+            )
         )
-    for sample, response in zip(samples, responses[:3]):
+    for sample, response in zip(samples, responses[:3], strict=True):
         assert_explains(response, CLASSES[sample.label])
     assert responses[3].status_code == 422
     assert responses[3].json()["code"] == "undecodable_image"

@@ -1,6 +1,6 @@
 """Train the ``shapes`` classifier (``make train``); writes a state_dict and a training record.
 
-    python -m camserve.shapes.train --seed 0 --out models/shapes
+python -m camserve.shapes.train --seed 0 --out models/shapes
 """
 
 from __future__ import annotations
@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> None:
         json.dumps({str(i): name for i, name in enumerate(CLASSES)}, indent=2) + "\n"
     )
     record = {
-        "command": "python -m camserve.shapes." + Path(__file__).stem + " " + " ".join(
-            sys.argv[1:] if argv is None else argv
-        ),
+        "command": "python -m camserve.shapes."
+        + Path(__file__).stem
+        + " "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
         "train_data_seed": TRAIN_SEED,
         "count": args.count,
