@@ -292,8 +292,16 @@ def _labels(
 ) -> tuple[list[str], str]:
     if labels is not None:
         if isinstance(labels, str | Path):
-            return read_labels(labels), str(labels)
-        return [str(label) for label in labels], "given"
+            names, labels_from = read_labels(labels), str(labels)
+        else:
+            names, labels_from = [str(label) for label in labels], "given"
+        if model_file is None and architecture != SHAPES_NET:
+            count = infer_num_classes(architecture, state)
+            if count != len(names):
+                raise ValueError(
+                    f"the weights have {count} classes, but {len(names)} labels were given"
+                )
+        return names, labels_from
     if model_file is not None or architecture == SHAPES_NET:
         raise ValueError("this model needs --labels (index_to_name.json or one label a line)")
     count = infer_num_classes(architecture, state)

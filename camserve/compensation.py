@@ -165,7 +165,11 @@ def probe_compensable(
     finally:
         capture.remove()
     spread = activations[0].std(dim=(0, 2, 3))
-    spread = torch.where(spread > 0, spread, activations[0].std().clamp_min(1e-3))
+    # Dead channels (std 0) get the layer's overall spread: a fixed floor would dwarf layers
+    # whose activations are tiny (random MobileNetV2: ~1e-9) and hide what a ReLU clips.
+    overall = activations[0].std()
+    overall = overall if overall > 0 else activations[0].abs().max().clamp_min(1e-12)
+    spread = torch.where(spread > 0, spread, overall)
     delta = torch.randn(spread.shape, generator=generator) * spread
     shifted = compensated_copy(model, layer_name, delta, probe, absorbing)
     handle = add_shift(model, layer_name, delta)

@@ -1,0 +1,275 @@
+"""Bring your own model: every supported torchvision CNN, with random weights at 64x64.
+
+For each architecture: the automatic target layer, Captum equality of the map, the load-time
+probe's answer, and (where it answers true) the compensated-network oracle. Then the
+``camserve archive`` path: ImageNet labels, the written config, and clear errors.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+import torch
+import torchvision
+import yaml
+from captum.attr import LayerGradCam
+from torch import nn
+
+from camserve.architectures import build_model
+from camserve.archive import build_model_archive, make_preprocessing, write_model_dir
+from camserve.cli import main as camserve
+from camserve.compensation import RELATIVE_TOLERANCE, probe_compensable
+from camserve.explainer import Explainer, ExplainerConfig
+from camserve.gradcam import GradCam
+from camserve.layers import auto_target_layer
+from tests.oracles import oracle
+
+SIZE = (64, 64)
+
+# architecture -> (the Grad-CAM paper's layer: last spatial map before the head, compensable)
+EXPECTED = {
+    "resnet18": ("layer4", True),
+    "resnet34": ("layer4", True),
+    "resnet50": ("layer4", True),
+    "resnet101": ("layer4", True),
+    "vgg11": ("features", True),
+    "vgg11_bn": ("features", True),
+    "vgg16": ("features", True),
+    "vgg16_bn": ("features", True),
+    "densenet121": ("features", False),  # a functional ReLU follows norm5
+    "mobilenet_v2": ("features", True),
+    "mobilenet_v3_small": ("features", True),
+    "mobilenet_v3_large": ("features", True),
+    "efficientnet_b0": ("features", True),
+    "convnext_tiny": ("features", False),  # the head's LayerNorm2d comes first
+    "regnet_y_400mf": ("trunk_output", True),
+}
+ARCHITECTURES = list(EXPECTED)
+COMPENSABLE = [arch for arch, (_, ok) in EXPECTED.items() if ok]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """64x64 inputs gain nothing from a second thread, and on a shared 2-core machine
+    OpenMP's waiting makes them up to 20x slower (measured: 30 ms vs 0.6 s a ResNet-34)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """One random-weight instance per architecture, shared by this module's tests."""
+    cache: dict[str, nn.Module] = {}
+
+    def get(arch: str) -> nn.Module:
+        if arch not in cache:
+            torch.manual_seed(0)
+            cache[arch] = torchvision.models.get_model(arch, weights=None).eval()
+        return cache[arch]
+
+    yield get
+    cache.clear()
+
+
+def inputs(count: int, seed: int) -> torch.Tensor:
+    return torch.randn(count, 3, *SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_auto_target_layer(models, arch):
+    assert auto_target_layer(models(arch), SIZE) == EXPECTED[arch][0]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_map_equals_captum(models, arch):
+    model, layer = models(arch), EXPECTED[arch][0]
+    x = inputs(2, seed=1)
+    result = GradCam(model, layer)(x)
+    captum = LayerGradCam(model, model.get_submodule(layer))
+    expected = captum.attribute(x, target=result.targets.tolist(), relu_attributions=True)[:, 0]
+    assert result.grad_cam.shape == expected.shape == (2, 2, 2)
+    torch.testing.assert_close(result.grad_cam, expected, atol=1e-5, rtol=0)
+    # Random MobileNetV2/DenseNet maps are tiny: compare at their own scale as well.
+    scale = expected.abs().max().clamp_min(1e-30)
+    torch.testing.assert_close(result.grad_cam / scale, expected / scale, atol=1e-5, rtol=0)
+    assert result.signed_map.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_probe_answer(models, arch):
+    layer, compensable = EXPECTED[arch]
+    report = probe_compensable(models(arch), layer, SIZE)
+    assert report.tolerance == RELATIVE_TOLERANCE == 1e-4
+    assert report.compensable is compensable, report
+    if compensable:
+        assert report.worst_relative_change <= RELATIVE_TOLERANCE
+    else:
+        # Far from the tolerance, not a rounding accident.
+        assert report.worst_relative_change > 100 * RELATIVE_TOLERANCE
+
+
+@pytest.mark.parametrize("arch", COMPENSABLE)
+def test_compensated_network_oracle(models, arch):
+    reported = oracle(models(arch), EXPECTED[arch][0], inputs(1, seed=3))
+    assert reported.reference == "image_mean" and reported.offset != 0.0
+
+
+def test_densenet_dense_block_is_compensable(models):
+    """DenseNet's last dense block feeds norm5 (eval BatchNorm) directly, which absorbs it."""
+    model = models("densenet121")
+    report = probe_compensable(model, "features.denseblock4", SIZE)
+    assert report.compensable and report.absorbing_layer == "features.norm5"
+    oracle(model, "features.denseblock4", inputs(1, seed=4))
+
+
+def test_probe_tolerance_separates_a_tiny_network_from_a_nonlinear_head():
+    """As in random MobileNetV2: outputs of ~1e-9 and dead channels, whose probe shift falls
+    back to a fixed floor. The change is judged against the cancelled effect, not the output."""
+    torch.manual_seed(0)
+    linear_head = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)
+    ).eval()
+    with torch.no_grad():
+        linear_head[0].weight.mul_(1e-9)
+        linear_head[0].weight[:4] = 0  # dead channels
+        linear_head[0].bias.zero_()  # outputs straddle zero, so a ReLU would clip
+        linear_head[3].bias.zero_()
+    assert probe_compensable(linear_head, "0", (16, 16)).compensable
+    relu_head = nn.Sequential(*list(linear_head)[:1], nn.ReLU(), *list(linear_head)[1:]).eval()
+    assert not probe_compensable(relu_head, "0", (16, 16)).compensable
+
+
+def test_explainer_picks_the_layer_when_the_config_has_none(resnet18):
+    config = ExplainerConfig(
+        architecture="resnet18",
+        weights="unused",
+        target_layer=None,
+        preprocessing=make_preprocessing(SIZE),
+    )
+    explainer = Explainer(resnet18, [str(i) for i in range(1000)], config)
+    assert explainer.config.target_layer == "layer4"
+    assert "target_layer" not in config.to_handler_section()
+    assert explainer.config.to_handler_section()["target_layer"] == "layer4"
+
+
+# --- camserve archive --arch ... -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnet18_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.manual_seed(0)
+    torch.save({"state_dict": torchvision.models.resnet18().state_dict()}, path)
+    return path
+
+
+def handler_section(model_dir):
+    return yaml.safe_load((model_dir / "model-config.yaml").read_text())["handler"]
+
+
+def test_model_dir_with_imagenet_labels_and_auto_layer(tmp_path, resnet18_weights, caplog):
+    caplog.set_level("INFO")
+    summary = write_model_dir(
+        tmp_path, resnet18_weights, "resnet18", preprocessing=make_preprocessing(SIZE)
+    )
+    section = handler_section(tmp_path)
+    assert section["target_layer"] == "layer4" and summary.target_layer_auto
+    assert summary.compensable
+    assert "picked automatically" in caplog.text and "compensable=True" in caplog.text
+    assert section["preprocessing"]["center_crop"] == [64, 64]
+    assert section["preprocessing"]["resize"] == round(64 * 256 / 224)
+    labels = json.loads((tmp_path / "index_to_name.json").read_text())
+    categories = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    assert len(labels) == 1000 and labels["0"] == categories[0] and labels["999"] == categories[999]
+    # The folder serves as written: the explainer loads it and explains with the same layer.
+    explainer = Explainer.from_directory(tmp_path)
+    assert explainer.config.target_layer == "layer4"
+    image = torchvision.transforms.v2.functional.to_pil_image(torch.rand(3, 80, 100))
+    [result] = explainer.explain([explainer.prepare_image(image)])
+    assert result.grad_cam.shape == (2, 2) and result.zero_reference.reference == "image_mean"
+
+
+def test_custom_module_from_a_model_file(tmp_path):
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text(
+        "from torch import nn\n\n"
+        "class Tiny(nn.Module):\n"
+        "    def __init__(self, num_classes=3):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())\n"
+        "        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                                  nn.Linear(8, num_classes))\n\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.body(x))\n"
+    )
+    weights = tmp_path / "tiny.pt"
+    model = build_model("Tiny", 3, model_file, "Tiny")
+    torch.save(model.state_dict(), weights)
+    (tmp_path / "labels.txt").write_text("cat\ndog\nbird\n")
+    out = tmp_path / "model"
+    summary = write_model_dir(
+        out, weights, model_file=model_file, model_class="Tiny",
+        labels=tmp_path / "labels.txt", preprocessing=make_preprocessing(32, crop=False),
+    )  # fmt: skip
+    # body ends with its ReLU; the shift after it reaches the Linear through pooling only.
+    assert summary.target_layer == "body" and summary.compensable is True
+    section = handler_section(out)
+    assert section["model_file"] == "tiny.py" and section["model_class"] == "Tiny"
+    assert (out / "tiny.py").is_file()
+    assert Explainer.from_directory(out).labels == ["cat", "dog", "bird"]
+
+
+def test_archive_command_writes_a_mar(tmp_path, resnet18_weights, capsys):
+    code = camserve([
+        "archive", "--arch", "resnet18", "--weights", str(resnet18_weights),
+        "--input-size", "64", "--target-layer", "layer3", "--name", "r18",
+        "--export-path", str(tmp_path),
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "target layer 'layer3' (given)" in out
+    with zipfile.ZipFile(tmp_path / "r18.mar") as mar:
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+        names = set(mar.namelist())
+    assert config["handler"]["target_layer"] == "layer3"
+    assert {"weights.pt", "index_to_name.json", "camserve/layers.py"} <= names
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--arch", "resnet5"], "unknown architecture 'resnet5' (did you mean resnet50"),
+        (["--arch", "resnet34"], "do not match ResNet: 96 missing keys"),
+        (["--arch", "resnet18", "--target-layer", "layer9"], "no module named 'layer9'"),
+        (["--arch", "resnet18", "--target-layer", "fc"], "not an (N, K, h, w) feature map"),
+        (["--arch", "resnet18", "--resize", "80", "--center-crop", "none"], "not the input size"),
+        (["--arch", "resnet18", "--labels", "LABELS3"], "1000 classes, but 3 labels"),
+        (["--arch", "resnet18", "--std", "0", "1", "1"], "std values must be positive"),
+        (["--model-dir", "models/shapes", "--weights", "WEIGHTS"], "only apply with --arch"),
+    ],
+)
+def test_archive_errors_are_clear(tmp_path, resnet18_weights, capsys, args, message):
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    args = [
+        str(resnet18_weights) if a == "WEIGHTS" else str(tmp_path / "labels.txt")
+        if a == "LABELS3" else a
+        for a in args
+    ]  # fmt: skip
+    if "--model-dir" not in args:
+        args += ["--weights", str(resnet18_weights), "--input-size", "64"]
+    code = camserve(["archive", *args, "--export-path", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+def test_labels_are_required_for_non_imagenet_heads(tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "r18c3.pt"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), weights)
+    with pytest.raises(ValueError, match="the weights have 3 classes: give their names"):
+        build_model_archive("x", tmp_path, weights=weights, architecture="resnet18")
