@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 SHAPES_FILES := $(wildcard models/shapes/*)
 CORE_FILES := $(shell find camserve handlers -name '*.py' -o -name '*.json' 2>/dev/null)
 
-.PHONY: serve stop test lint format train evaluate archive venv clean monitor monitor-stop \
+.PHONY: serve stop test lint format train evaluate archive calibrate calibrate-shapes venv clean monitor monitor-stop \
 	gallery kserve-bundle bench soak
 
 venv: $(INSTALLED)
@@ -21,7 +21,26 @@ $(INSTALLED): pyproject.toml requirements.lock
 model_store/shapes.mar: $(INSTALLED) $(SHAPES_FILES) $(CORE_FILES)
 	$(CAMSERVE) archive --model-dir models/shapes --name shapes --export-path model_store
 
+# `make archive` builds the shapes archive; `make archive ARCH=resnet50 WEIGHTS=my.pth` packs a
+# torchvision CNN (extra options: ARCHIVE_ARGS="--labels labels.txt --input-size 224 ...").
+ARCH ?=
+WEIGHTS ?=
+ARCHIVE_ARGS ?=
+ifeq ($(ARCH),)
 archive: model_store/shapes.mar
+else
+archive: $(INSTALLED)
+	$(CAMSERVE) archive --arch $(ARCH) --weights $(WEIGHTS) --export-path model_store $(ARCHIVE_ARGS)
+endif
+
+# `make calibrate MAR=model_store/resnet50.mar IMAGES=./images` -> model_store/resnet50_calibrated.mar
+calibrate: $(INSTALLED)
+	$(CAMSERVE) calibrate $(MAR) $(IMAGES) $(CALIBRATE_ARGS)
+
+# Recomputes models/shapes/calibration.pt on the shapes training set (after `make train`).
+SHAPES_CALIBRATION_COUNT ?= 4000
+calibrate-shapes: $(INSTALLED)
+	$(CAMSERVE) calibrate --model-dir models/shapes --shapes-train $(SHAPES_CALIBRATION_COUNT)
 
 serve: model_store/shapes.mar
 	$(CAMSERVE) serve
@@ -62,6 +81,7 @@ format: $(INSTALLED)
 # Reproduces models/shapes/shapes.pt (see models/shapes/training.json for the record).
 train: $(INSTALLED)
 	$(PY) -m camserve.shapes.train --seed 0 --out models/shapes
+	$(CAMSERVE) calibrate --model-dir models/shapes --shapes-train $(SHAPES_CALIBRATION_COUNT)
 	$(PY) -m camserve.shapes.evaluate --model-dir models/shapes
 
 evaluate: $(INSTALLED)
