@@ -12,6 +12,7 @@ than declared is dropped (with a log line, not an error).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ EMPTY_MAPS = "camserve_empty_maps_total"
 SCORE_BANDS_METRIC = "camserve_zero_reference_score_band_total"
 ERRORS = "camserve_errors_total"
 COMPENSABLE = "camserve_compensable"
+CLASS_EXPLANATIONS = "camserve_class_explanations_total"
+CLASS_UNSTABLE = "camserve_class_unstable_explanations_total"
 SCORE = "camserve_zero_reference_score"
 STAGE_SECONDS = "camserve_stage_duration_seconds"
 
@@ -37,6 +40,8 @@ METRICS = {
     EMPTY_MAPS: "counter",
     SCORE_BANDS_METRIC: "counter",
     ERRORS: "counter",
+    CLASS_EXPLANATIONS: "counter",
+    CLASS_UNSTABLE: "counter",
     COMPENSABLE: "gauge",
     SCORE: "histogram",
     STAGE_SECONDS: "histogram",
@@ -50,12 +55,19 @@ BAND_COUNT = 10
 SCORE_BANDS = tuple(f"{i / BAND_COUNT:.1f}-{(i + 1) / BAND_COUNT:.1f}" for i in range(BAND_COUNT))
 # The Level TorchServe gives metrics recorded from a handler (add_metric does the same).
 LEVEL = "Model"
+# Per-class series multiply the model's series count; above this many classes they are off.
+MAX_CLASS_LABELS = 20
 
 
 def score_band(score: float) -> str:
     """The 0.1-wide band holding ``score``: [0, 0.1) -> "0.0-0.1", ..., [0.9, 1] -> "0.9-1.0"."""
     index = int(min(max(score, 0.0), 1.0) * BAND_COUNT)
     return SCORE_BANDS[min(index, BAND_COUNT - 1)]
+
+
+def class_label_value(label: str) -> str:
+    """A class label safe inside TorchServe's metric line (``|#name:value,name:value|``)."""
+    return re.sub(r"[,:|#\s]", "_", label) or "_"
 
 
 def error_reason(code: str) -> str:
@@ -73,11 +85,28 @@ class Telemetry:
     ``add_metric`` drops ModelName when a call carries no request id (at load time).
     """
 
-    def __init__(self, cache: Any, metric_types: Callable[[str], Any], model_name: str) -> None:
+    def __init__(
+        self,
+        cache: Any,
+        metric_types: Callable[[str], Any],
+        model_name: str,
+        class_labels: list[str] | None = None,
+    ) -> None:
+        """``class_labels``: record per-class counters (the ``class_metrics`` setting)."""
         self.cache = cache
         self.metric_types = metric_types
         self.model_name = model_name
         self._failed: set[str] = set()
+        self.class_labels = None
+        if class_labels is not None and len(class_labels) > MAX_CLASS_LABELS:
+            log.warning(
+                "class_metrics is on but %s has %d classes (more than %d): no per-class series",
+                model_name,
+                len(class_labels),
+                MAX_CLASS_LABELS,
+            )
+        elif class_labels is not None:
+            self.class_labels = [class_label_value(label) for label in class_labels]
 
     def _record(self, name: str, value: float, *labels: str) -> None:
         try:
@@ -108,12 +137,19 @@ class Telemetry:
             self._record(SCORE_BANDS_METRIC, 0, band)
         for reason in ERROR_REASONS:
             self._record(ERRORS, 0, reason)
+        for label in self.class_labels or []:
+            self._record(CLASS_EXPLANATIONS, 0, label)
+            self._record(CLASS_UNSTABLE, 0, label)
 
-    def explained(self, result: ZeroReference) -> None:
-        """One explanation that was returned to a client."""
+    def explained(self, result: ZeroReference, target: int | None = None) -> None:
+        """One explanation of class index ``target`` that was returned to a client."""
         self._record(EXPLANATIONS, 1)
         if not result.stable:
             self._record(UNSTABLE, 1)
+        if self.class_labels is not None and target is not None:
+            self._record(CLASS_EXPLANATIONS, 1, self.class_labels[target])
+            if not result.stable:
+                self._record(CLASS_UNSTABLE, 1, self.class_labels[target])
         if result.map_empty:
             self._record(EMPTY_MAPS, 1)
         self._record(SCORE, result.score)

@@ -32,7 +32,12 @@ class CamServeHandler(BaseHandler):
         self.model_name = context.manifest["model"]["modelName"]
         self.explainer = Explainer.from_directory(model_dir, section)
         self.model = self.explainer.model
-        self.telemetry = Telemetry(context.metrics, MetricTypes, self.model_name)
+        self.telemetry = Telemetry(
+            context.metrics,
+            MetricTypes,
+            self.model_name,
+            self.explainer.labels if self.explainer.config.class_metrics else None,
+        )
         self.telemetry.loaded(self.explainer.compensation.compensable)
         log.info(
             "camserve %s ready: layer %s, %s",
@@ -70,7 +75,7 @@ class CamServeHandler(BaseHandler):
                         self.explainer.config.preprocessing,
                     )
                     responses[index] = self._json(context, index, body)
-            self.telemetry.explained(result.zero_reference)
+            self.telemetry.explained(result.zero_reference, result.target)
         log.info("camserve batch: %d items, %d rejected", len(data), len(data) - len(prepared))
         return responses
 

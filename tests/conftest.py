@@ -8,6 +8,7 @@ from unittest import mock
 import pytest
 import torch
 import torchvision
+import yaml
 
 from camserve.archive import build_archive
 from camserve.explainer import Explainer
@@ -43,6 +44,22 @@ def png_bytes(image, fmt: str = "PNG", **save_args) -> bytes:
 
 def held_out(index: int):
     return render_sample(HELD_OUT_SEED, index)
+
+
+def shapes_variant_store(tmp_path_factory, name: str, handler=None, **settings) -> Path:
+    """A model store holding shapes.mar built with changed model-config.yaml settings:
+    ``settings`` at the top level (batchSize...), ``handler`` in the handler section."""
+    source = tmp_path_factory.mktemp(f"{name}_model")
+    for item in SHAPES_DIR.iterdir():
+        if item.is_file():
+            shutil.copy2(item, source / item.name)
+    config = yaml.safe_load((source / "model-config.yaml").read_text())
+    config.update(settings)
+    config["handler"].update(handler or {})
+    (source / "model-config.yaml").write_text(yaml.safe_dump(config))
+    store = tmp_path_factory.mktemp(f"{name}_store")
+    build_archive(source, "shapes", store)
+    return store
 
 
 @pytest.fixture(scope="session")

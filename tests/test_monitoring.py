@@ -32,8 +32,8 @@ from camserve.prometheus import LocalPrometheus, executable, local_config
 from camserve.prometheus import main as prometheus_main
 from camserve.request import ParsedRequest, RequestOptions
 from camserve.response import load_schema
-from camserve.server import free_port
-from tests.conftest import REPO, held_out, png_bytes
+from camserve.server import LocalTorchServe, free_port
+from tests.conftest import CONFIG, REPO, held_out, png_bytes, shapes_variant_store
 
 METRICS_YAML = REPO / "config" / "metrics.yaml"
 PROMETHEUS_DIR = REPO / "config" / "prometheus"
@@ -190,6 +190,43 @@ def test_recorder_emits_what_torchserve_accepts(shapes_explainer, caplog):
     assert len({key for key in emitted if key[0] == telemetry.SCORE_BANDS_METRIC}) == 10
 
 
+def recorded(caplog) -> Counter:
+    """(metric, first extra label) -> summed value, from TorchServe's [METRICS] log lines."""
+    emitted = Counter()
+    for record in caplog.records:
+        match = re.match(r"\[METRICS\](\w+)\.\w+:([0-9.e-]+)\|#([^|]*)\|", record.getMessage())
+        if match:
+            name, value, dims = match.groups()
+            labels = dict(pair.split(":", 1) for pair in dims.split(","))
+            extra = [v for k, v in labels.items() if k not in ("ModelName", "Level")]
+            emitted[(name, extra[0] if extra else None)] += float(value)
+    return emitted
+
+
+@pytest.mark.parametrize("classes", [6, telemetry.MAX_CLASS_LABELS + 1])
+def test_class_metrics_only_for_few_classes(shapes_explainer, caplog, classes):
+    cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
+    cache.initialize_cache()
+    labels = [f"class {i}, odd:name" for i in range(classes)]
+    recorder = telemetry.Telemetry(cache, MetricTypes, MODEL, labels)
+    [result] = shapes_explainer.explain([shapes_explainer.prepare_image(held_out(1).image)])
+    with caplog.at_level(logging.INFO):
+        recorder.loaded(True)
+        recorder.explained(result.zero_reference, 3)
+    emitted = recorded(caplog)
+    class_series = {key for key in emitted if key[0] == telemetry.CLASS_EXPLANATIONS}
+    if classes > telemetry.MAX_CLASS_LABELS:
+        assert class_series == set()
+        assert any("no per-class series" in r.getMessage() for r in caplog.records)
+        return
+    # Commas and colons would break TorchServe's metric line: they are replaced.
+    assert len(class_series) == classes
+    assert emitted[(telemetry.CLASS_EXPLANATIONS, "class_3__odd_name")] == 1
+    unstable = emitted[(telemetry.CLASS_UNSTABLE, "class_3__odd_name")]
+    assert unstable == (0 if result.zero_reference.stable else 1)
+    assert not [r for r in caplog.records if "Failed" in r.getMessage()]
+
+
 def test_recorder_without_our_metrics_yaml_warns_once_and_never_raises(caplog):
     """Served with TorchServe's default metrics.yaml, predictions still work; the log says
     once per metric what is missing instead of once per request."""
@@ -301,6 +338,18 @@ def metrics_target(server) -> str:
 
 
 @pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Its own TorchServe, serving shapes with per-class metrics on (6 classes)."""
+    store = shapes_variant_store(tmp_path_factory, "class_metrics", {"class_metrics": True})
+    instance = LocalTorchServe.on_free_ports(
+        tmp_path_factory.mktemp("ts_monitoring"), CONFIG, store
+    )
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(scope="module")
 def prometheus(server, tmp_path_factory):
     instance = LocalPrometheus(
         tmp_path_factory.mktemp("prometheus"), metrics_target(server), free_port(), "1s"
@@ -315,7 +364,9 @@ def snapshot(prometheus) -> dict[tuple[str, str | None], float]:
     values = {}
     for series in prometheus.query(f'{{__name__=~"camserve_.*", ModelName="{MODEL}"}}'):
         labels = series["metric"]
-        key = labels.get("stage") or labels.get("reason") or labels.get("band") or labels.get("le")
+        key = next(
+            (labels[k] for k in ("stage", "reason", "band", "class", "le") if k in labels), None
+        )
         values[(labels["__name__"], key)] = float(series["value"][1])
     return values
 
@@ -383,12 +434,14 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
     explained = [{"data": png} for png in good]
     explained += [as_json(png, target=target) for png, target in empty]
     # What the server must report, from the same bytes explained in-process.
-    expected_results = [
+    expected_explained = [
         shapes_explainer.explain(
             [shapes_explainer.prepare(ParsedRequest(body, RequestOptions(target=target)))]
-        )[0].zero_reference
+        )[0]
         for body, target in [(p, None) for p in good] + empty
     ]
+    expected_results = [e.zero_reference for e in expected_explained]
+    labels = [telemetry.class_label_value(label) for label in shapes_explainer.labels]
 
     wait_for_scrape_after(prometheus, time.time() + 1)
     before = snapshot(prometheus)
@@ -421,6 +474,12 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
     }
     for result in expected_results:
         expected[(telemetry.SCORE_BANDS_METRIC, telemetry.score_band(result.score))] += 1
+    for label in labels:
+        expected[(telemetry.CLASS_EXPLANATIONS, label)] = 0
+        expected[(telemetry.CLASS_UNSTABLE, label)] = 0
+    for item in expected_explained:
+        expected[(telemetry.CLASS_EXPLANATIONS, labels[item.target])] += 1
+        expected[(telemetry.CLASS_UNSTABLE, labels[item.target])] += not item.zero_reference.stable
     assert expected[(telemetry.EMPTY_MAPS, None)] >= len(empty)
 
     def delta(after):
