@@ -45,7 +45,7 @@ def test_image_bytes(server, fmt):
         )
         body = assert_explains(response, CLASSES[sample.label])
         assert body["zero_reference"]["compensable"] is True
-        assert body["zero_reference"]["reference"] == "image_mean"
+        assert body["zero_reference"]["reference"] == "calibration_mean"
 
 
 def test_json_body_with_a_target(server):
