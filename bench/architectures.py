@@ -1,0 +1,124 @@
+"""Per architecture: the automatic target layer, ``compensable``, and the time per explained
+image at batch 1 (random weights, 224x224, 2 threads), next to a plain forward.
+
+    python -m bench.architectures                      # all supported architectures
+    python -m bench.architectures --arch resnet50 vgg16 --repeats 5
+
+Writes bench/results/<date>-architectures.json with the machine description and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+
+from bench.run import RESULTS, machine
+from bench.timing import interleaved
+from camserve.archive import make_preprocessing
+from camserve.explainer import Explainer, ExplainerConfig
+
+ARCHITECTURES = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn",
+    "densenet121", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+    "efficientnet_b0", "convnext_tiny", "regnet_y_400mf",
+)  # fmt: skip
+
+
+def measure(arch: str, repeats: int, size: int) -> dict:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None).eval()
+    config = ExplainerConfig(
+        architecture=arch,
+        weights="random",
+        target_layer=None,  # the automatic choice, as camserve archive makes it
+        preprocessing=make_preprocessing(size),
+    )
+    started = time.perf_counter()
+    explainer = Explainer(model, [str(i) for i in range(1000)], config)
+    load_s = time.perf_counter() - started
+    image = Image.fromarray(
+        torch.randint(0, 256, (size + 32, size + 48, 3), dtype=torch.uint8).numpy(), "RGB"
+    )
+    prepared = explainer.prepare_image(image)
+    x = prepared.tensor[None]
+
+    def plain() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    def explained() -> None:
+        explainer.explain([prepared])
+
+    load_before = os.getloadavg()[0]
+    timings = interleaved({"plain": plain, "explained": explained}, repeats, warmup=2)
+    report = explainer.compensation
+    return {
+        "architecture": arch,
+        "target_layer": explainer.config.target_layer,
+        "compensable": report.compensable,
+        "absorbing_layer": report.absorbing_layer,
+        "worst_relative_change": report.worst_relative_change,
+        "explained_ms_median": round(timings["explained"].median_s * 1000, 1),
+        "plain_forward_ms_median": round(timings["plain"].median_s * 1000, 1),
+        "ratio": round(timings["explained"].median_s / timings["plain"].median_s, 2),
+        "timings": {name: stats.to_json() for name, stats in timings.items()},
+        "explainer_load_s": round(load_s, 2),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", default=list(ARCHITECTURES))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for arch in args.arch:
+        row = measure(arch, args.repeats, args.size)
+        rows.append(row)
+        print(
+            f"{arch:20s} {row['target_layer']:14s} compensable={row['compensable']!s:5s} "
+            f"explained {row['explained_ms_median']:8.1f} ms  "
+            f"plain {row['plain_forward_ms_median']:8.1f} ms "
+            f"(x{row['ratio']}, load {row['load_average_1min']})",
+            flush=True,
+        )
+    today = datetime.date.today().isoformat()
+    out = args.out or RESULTS / f"{today}-architectures.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "python -m bench.architectures "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine(),
+        "setup": {
+            "weights": "random (torch.manual_seed(0))",
+            "input": f"{args.size}x{args.size}, batch 1",
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "explained": "Explainer.explain: forward + Grad-CAM backward + zero-reference score",
+            "plain": "model(x) under torch.inference_mode()",
+            "note": "the machine is shared with other jobs: see load_average_1min per row",
+        },
+        "architectures": rows,
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
