@@ -18,6 +18,9 @@ from camserve.labels import resolve_target
 from camserve.request import ParsedRequest, parse_item
 from tests.conftest import held_out, png_bytes
 
+# Pillow warns about the corrupt metadata it skips; that is the expected outcome here.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 FUZZ = settings(
     max_examples=300,
     deadline=None,  # shared CPU: a slow example is not a failure, a hang is (pytest-timeout)
