@@ -134,8 +134,12 @@ def _serve(args: argparse.Namespace) -> int:
     print(
         f"  curl -s -H \"Authorization: Bearer $(python3 -c 'import json; print(json.load("
         f'open("{key_file}"))["inference"]["key"])\')" '
+        # Without a Content-Type, curl says x-www-form-urlencoded and TorchServe answers 500.
+        '-H "Content-Type: image/png" '
         f"--data-binary @examples/star.png {server.inference_url}/predictions/{model}\n"
     )
+    print("Or with the client (a table, and overlay PNGs in .run/overlays):\n")
+    print("  .venv/bin/camserve predict examples/*.png --out .run/overlays\n")
     print("Stop it with: make stop")
     return 0
 

@@ -123,7 +123,8 @@ class Client:
         text = err.read().decode("utf-8", errors="replace")
         if "Token Authorization failed" in text:
             hint = (
-                "no token was sent: set CAMSERVE_TOKEN, pass --token or --key-file"
+                "no token was sent: set CAMSERVE_TOKEN or point --key-file at the server's "
+                "key_file.json"
                 if not self.token
                 else "the token is wrong or expired: read it again from the server's "
                 "key_file.json (make serve writes .run/serve/key_file.json)"
