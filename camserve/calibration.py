@@ -183,7 +183,9 @@ def calibrate_model_dir(
     """Compute the statistics for the model in ``model_dir``, write ``calibration.pt`` there
     and name it under ``calibration:`` in its ``model-config.yaml``."""
     model_dir = Path(model_dir)
-    explainer = Explainer.from_directory(model_dir)
+    section = yaml.safe_load((model_dir / MODEL_CONFIG).read_text())["handler"]
+    section.pop("calibration", None)  # old statistics play no part (and may be missing)
+    explainer = Explainer.from_directory(model_dir, section)
     config = explainer.config
     statistics = activation_statistics(
         explainer.model,

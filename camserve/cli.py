@@ -79,8 +79,10 @@ def _size(text: str) -> int | tuple[int, int]:
 def _calibrate(args: argparse.Namespace) -> int:
     from camserve import calibration
 
+    if args.model_dir is not None and args.images is None and args.archive is not None:
+        args.images, args.archive = args.archive, None  # calibrate --model-dir DIR IMAGES
     if (args.model_dir is None) == (args.archive is None):
-        raise ValueError("give an archive (.mar) to calibrate, or --model-dir, not both")
+        raise ValueError("give an archive (.mar) and an image folder, or --model-dir DIR")
     if args.model_dir is not None:
         if (args.images is None) == (args.shapes_train is None):
             raise ValueError("give an image folder or --shapes-train COUNT")

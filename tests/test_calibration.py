@@ -115,6 +115,18 @@ def test_calibrated_model_dir_uses_calibration_mean(uncalibrated_shapes):
     assert reported.reference == "calibration_mean"
 
 
+def test_calibrate_command_on_a_model_dir(uncalibrated_shapes, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        held_out(i).image.save(images / f"{i}.png")
+    assert camserve(["calibrate", "--model-dir", str(uncalibrated_shapes), str(images)]) == 0
+    assert "(3 images)" in capsys.readouterr().out
+    assert Explainer.from_directory(uncalibrated_shapes).calibration.count == 3
+    assert camserve(["calibrate", "--model-dir", str(uncalibrated_shapes)]) == 2
+    assert "give an image folder or --shapes-train" in capsys.readouterr().err
+
+
 def test_shipped_shapes_calibration_matches_the_committed_weights():
     section = yaml.safe_load((SHAPES_DIR / "model-config.yaml").read_text())["handler"]
     assert section["calibration"] == CALIBRATION_FILE
