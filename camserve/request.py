@@ -21,6 +21,7 @@ from camserve.errors import (
     INVALID_JSON,
     MISSING_IMAGE,
     UNKNOWN_OPTION,
+    InputError,
     input_error,
 )
 
@@ -70,6 +71,15 @@ def is_v2_input(item) -> bool:
         isinstance(item, dict)
         and {"datatype", "data"} <= set(item)
         and set(item) <= {"name", "shape", "datatype", "data", "parameters"}
+    )
+
+
+def several_v2_inputs(count: int) -> InputError:
+    """The error for a v2 request with more than one input: they would share one status."""
+    return input_error(
+        MISSING_IMAGE,
+        f"a v2 request carries exactly one input (one image), got {count}; "
+        "send one request per image",
     )
 
 

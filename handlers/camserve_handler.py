@@ -15,7 +15,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from camserve.errors import InputError
 from camserve.explainer import Explainer
 from camserve.render import PNG_MEDIA_TYPE, accepts_png, overlay_png
-from camserve.request import is_v2_input, parse_item
+from camserve.request import is_v2_input, parse_item, several_v2_inputs
 from camserve.response import error_json, explanation_json
 from camserve.telemetry import Telemetry
 
@@ -48,6 +48,12 @@ class CamServeHandler(BaseHandler):
         self.initialized = True
 
     def handle(self, data, context):
+        if len(data) > len(context.request_processor or [None]):
+            # The kservev2 envelope turns one request's inputs into several items that share
+            # one HTTP status: refuse plainly (one image per v2 request) instead of a 503.
+            err = several_v2_inputs(len(data))
+            body = self._error(context, 0, err.code, err.message, err.status)
+            return [body] * len(data)
         responses: list = [None] * len(data)
         prepared = []
         for index, item in enumerate(data):

@@ -134,6 +134,20 @@ def test_v2_non_bytes_input_is_refused(kserve_server):
     assert error["code"] == "missing_image" and "BYTES" in error["message"]
 
 
+def test_v2_request_with_two_images_is_refused_plainly(kserve_server):
+    images = [png_bytes(held_out(i).image) for i in (33, 34)]
+    tensors = [v2_request(image)["inputs"][0] for image in images]
+    response = post_v2(kserve_server, "infer", {"inputs": tensors})
+    assert response.status_code == 400
+    outputs = response.json()["outputs"]
+    assert len(outputs) == 2
+    error = json.loads(outputs[0]["data"][0])
+    VALIDATOR.validate(error)
+    assert error["code"] == "missing_image" and "one request per image" in error["message"]
+    # The worker is fine afterwards.
+    assert post_v2(kserve_server, "infer", {"inputs": tensors[:1]}).status_code == 200
+
+
 def test_served_with_batch_size_1(kserve_server):
     described = requests.get(f"{kserve_server.management_url}/models/shapes", timeout=30).json()
     assert described[0]["batchSize"] == 1
