@@ -140,8 +140,14 @@ class ExplainedImage:
     more: tuple[ClassExplanation, ...] = ()  # the next classes, when ``maps`` > 1
 
 
-def load_calibration(path: str | Path) -> ChannelStatistics:
+def load_calibration(path: str | Path, layer: str | None = None) -> ChannelStatistics:
+    """Statistics written by ``camserve calibrate``; refused if taken at another layer."""
     data = torch.load(path, map_location="cpu", weights_only=True)
+    if layer is not None and data.get("layer", layer) != layer:
+        raise ValueError(
+            f"{path} holds statistics of layer {data['layer']!r}, but the target layer is "
+            f"{layer!r}: run camserve calibrate again"
+        )
     return ChannelStatistics(
         mean=data["mean"].double(), std=data["std"].double(), count=int(data.get("count", 0))
     )
@@ -187,7 +193,9 @@ class Explainer:
         )
         load_weights(model, directory / config.weights)
         calibration = (
-            load_calibration(directory / config.calibration) if config.calibration else None
+            load_calibration(directory / config.calibration, config.target_layer)
+            if config.calibration
+            else None
         )
         return cls(model, labels, config, calibration)
 

@@ -125,6 +125,13 @@ def test_calibrate_command_on_a_model_dir(uncalibrated_shapes, tmp_path, capsys)
     assert Explainer.from_directory(uncalibrated_shapes).calibration.count == 3
     assert camserve(["calibrate", "--model-dir", str(uncalibrated_shapes)]) == 2
     assert "give an image folder or --shapes-train" in capsys.readouterr().err
+    # Statistics of one layer are refused for another.
+    config_path = uncalibrated_shapes / "model-config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["handler"]["target_layer"] = "features.8"
+    config_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="statistics of layer 'features', but the target"):
+        Explainer.from_directory(uncalibrated_shapes)
 
 
 def test_shipped_shapes_calibration_matches_the_committed_weights():
