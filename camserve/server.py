@@ -143,19 +143,29 @@ class LocalTorchServe:
         ]  # fmt: skip
         if self.models:
             command += ["--models", self.models]
-        if self.foreground:
-            command.append("--foreground")
-            stdout = (self.workdir / "logs" / "torchserve.out").open("ab")
-            self.process = subprocess.Popen(
-                command,
-                cwd=self.workdir,
-                env=self.env,
-                stdout=stdout,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        else:
-            subprocess.run(command, cwd=self.workdir, env=self.env, check=True)
+        # TorchServe's console output goes to a log file, not the caller's terminal.
+        with (self.workdir / "logs" / "torchserve.out").open("ab") as output:
+            if self.foreground:
+                command.append("--foreground")
+                self.process = subprocess.Popen(
+                    command,
+                    cwd=self.workdir,
+                    env=self.env,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            else:
+                subprocess.run(
+                    command,
+                    cwd=self.workdir,
+                    env=self.env,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    check=True,
+                    start_new_session=True,
+                )
         if wait_for:
             self.wait_ready(wait_for, timeout)
 
