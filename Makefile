@@ -92,6 +92,7 @@ evaluate: $(INSTALLED)
 gallery: $(INSTALLED)
 	$(PY) -m camserve.gallery --model-dir models/shapes --count 24 \
 		--png docs/gallery.png --overview docs/overview.png --html .run/gallery/index.html
+	$(PY) -m camserve.figures --model-dir models/shapes --out docs/score.png
 
 # The storage layout of KServe's TorchServe runtime: config/config.properties + model-store/*.mar.
 kserve-bundle: $(INSTALLED)

@@ -33,3 +33,13 @@ def test_gallery_builds_sorted_most_stable_first(tmp_path):
     # Each row names the true class of its generated image.
     for entry in entries:
         assert f"#{entry.index} {entry.true_label} -&gt; " in text
+
+
+def test_score_figure_is_drawn_from_a_real_explanation(tmp_path):
+    from camserve.explainer import Explainer
+    from camserve.figures import score_figure
+
+    out = tmp_path / "score.png"
+    score_figure(Explainer.from_directory(SHAPES_DIR), 1, out)
+    figure = Image.open(out)
+    assert figure.format == "PNG" and figure.width > 1000 and figure.height > 200
