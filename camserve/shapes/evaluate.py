@@ -79,7 +79,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    metrics = evaluate(Explainer.from_directory(args.model_dir), args.count)
+    explainer = Explainer.from_directory(args.model_dir)
+    metrics = evaluate(explainer, args.count)
+    if explainer.calibration is not None:
+        # The same images against the fallback reference, for comparison.
+        explainer.calibration = None
+        fallback = evaluate(explainer, args.count)
+        metrics["without_calibration"] = {
+            key: fallback[key]
+            for key in (
+                "reference",
+                "score_median",
+                "score_p90",
+                "worst_case_score_median",
+                "stable_fraction",
+            )
+        }
     (args.model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
 
