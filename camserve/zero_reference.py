@@ -88,30 +88,37 @@ def mass(maps: Tensor) -> tuple[Tensor, Tensor]:
 
 def total_variation(maps: Tensor, shifted: Tensor) -> Tensor:
     """TV(P(M), P(M')) in [0, 1]; 1 if exactly one map is empty, 0 if both are."""
-    p, p_empty = mass(maps)
-    q, q_empty = mass(shifted)
+    return _tv(*mass(maps), *mass(shifted))
+
+
+def _tv(p: Tensor, p_empty: Tensor, q: Tensor, q_empty: Tensor) -> Tensor:
     tv = 0.5 * (p - q).abs().sum(dim=(-2, -1))
     tv = torch.where(p_empty != q_empty, torch.ones_like(tv), tv)
     return torch.where(p_empty & q_empty, torch.zeros_like(tv), tv)
 
 
-def worst_case_offsets(maps: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
-    """Largest TV(P(M), P(M + c)) over c in [-r, r], and the c that attains it.
+def worst_case_candidates(maps: Tensor, radius: Tensor) -> Tensor:
+    """Offsets that contain the largest TV(P(M), P(M + c)) over c in [-r, r].
 
     Between two consecutive breakpoints c = -M_ij the active set is fixed and the TV is
     sum_i |a_i + b_i c| / (S + n c): a convex numerator over a positive affine denominator,
     hence quasi-convex, so its maximum on each piece sits at a piece's end. The candidates
     {-r, r} and the breakpoints inside (-r, r) therefore contain the exact maximum.
     """
-    flat = maps.flatten(1)
     r = radius[:, None]
-    breakpoints = -flat
+    breakpoints = -maps.flatten(1)
     inside = breakpoints.abs() < r
-    candidates = torch.cat([-r, r, torch.where(inside, breakpoints, -r)], dim=1)
+    return torch.cat([-r, r, torch.where(inside, breakpoints, -r)], dim=1)
+
+
+def worst_case_offsets(maps: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+    """Largest TV(P(M), P(M + c)) over c in [-r, r], and the c that attains it."""
+    candidates = worst_case_candidates(maps, radius)
     shifted = maps[:, None] + candidates[:, :, None, None]
-    scores = total_variation(maps[:, None].expand_as(shifted), shifted)
-    best = scores.argmax(dim=1)
-    return scores.gather(1, best[:, None])[:, 0], candidates.gather(1, best[:, None])[:, 0]
+    p, p_empty = mass(maps)
+    scores = _tv(p[:, None], p_empty[:, None], *mass(shifted))
+    best = scores.argmax(dim=1, keepdim=True)
+    return scores.gather(1, best)[:, 0], candidates.gather(1, best)[:, 0]
 
 
 def region_iou(maps: Tensor, shifted: Tensor, level: float = 0.5) -> Tensor:
@@ -130,10 +137,13 @@ def _region(maps: Tensor, level: float) -> Tensor:
 
 def centroids_px(maps: Tensor, input_size: tuple[int, int]) -> Tensor:
     """Centroid (y, x) of each map's mass, in input pixels (cell centres)."""
-    p, _ = mass(maps)
-    h, w = maps.shape[-2:]
-    ys = (torch.arange(h, dtype=maps.dtype) + 0.5) * (input_size[0] / h)
-    xs = (torch.arange(w, dtype=maps.dtype) + 0.5) * (input_size[1] / w)
+    return _centroids(mass(maps)[0], input_size)
+
+
+def _centroids(p: Tensor, input_size: tuple[int, int]) -> Tensor:
+    h, w = p.shape[-2:]
+    ys = (torch.arange(h, dtype=p.dtype) + 0.5) * (input_size[0] / h)
+    xs = (torch.arange(w, dtype=p.dtype) + 0.5) * (input_size[1] / w)
     return torch.stack([(p.sum(-1) * ys).sum(-1), (p.sum(-2) * xs).sum(-1)], dim=-1)
 
 
@@ -152,13 +162,20 @@ def zero_reference(
     name, offset, radius = reference_offsets(
         alpha.double(), channel_mean.double(), channel_std.double(), calibration, settings.epsilon
     )
-    shifted = maps + offset[:, None, None]
-    score = total_variation(maps, shifted)
-    worst_score, worst_offset = worst_case_offsets(maps, radius)
+    # The reference offset and every worst-case candidate in one batched pass: the maps are
+    # tiny, so the cost is the number of tensor operations, not their size.
+    offsets = torch.cat([offset[:, None], worst_case_candidates(maps, radius)], dim=1)
+    all_shifted = maps[:, None] + offsets[:, :, None, None]
+    p, empty = mass(maps)
+    q, q_empty = mass(all_shifted)
+    tvs = _tv(p[:, None], empty[:, None], q, q_empty)
+    score = tvs[:, 0]
+    best = tvs[:, 1:].argmax(dim=1, keepdim=True)
+    worst_score = tvs[:, 1:].gather(1, best)[:, 0]
+    worst_offset = offsets[:, 1:].gather(1, best)[:, 0]
+    shifted, shifted_empty = all_shifted[:, 0], q_empty[:, 0]
     iou = region_iou(maps, shifted)
-    _, empty = mass(maps)
-    _, shifted_empty = mass(shifted)
-    shift = (centroids_px(maps, input_size) - centroids_px(shifted, input_size)).norm(dim=-1)
+    shift = (_centroids(p, input_size) - _centroids(q[:, 0], input_size)).norm(dim=-1)
     results = []
     for i in range(maps.shape[0]):
         either_empty = bool(empty[i] or shifted_empty[i])
