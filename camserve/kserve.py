@@ -1,6 +1,7 @@
 """The storage layout KServe's TorchServe runtime expects under an InferenceService's storageUri:
 
     <out>/config/config.properties   (config/kserve/config.properties, model name filled in)
+    <out>/config/metrics.yaml        (config/metrics.yaml: camserve's metrics)
     <out>/model-store/<name>.mar     (the archive, rebuilt with batchSize 1)
 
     python -m camserve.kserve --model-dir models/shapes --name shapes --out .run/kserve-bundle
@@ -24,6 +25,7 @@ import yaml
 from camserve.archive import MODEL_CONFIG, REPO_DIR, build_archive
 
 KSERVE_CONFIG = REPO_DIR / "config" / "kserve" / "config.properties"
+METRICS_CONFIG = REPO_DIR / "config" / "metrics.yaml"
 SNAPSHOT_KEY = "model_snapshot="
 
 
@@ -59,6 +61,7 @@ def build_bundle(
         build_archive(staged, name, out / "model-store")
     (out / "config").mkdir(parents=True, exist_ok=True)
     (out / "config" / "config.properties").write_text(kserve_properties(name, config))
+    shutil.copy2(METRICS_CONFIG, out / "config" / "metrics.yaml")
     return out
 
 

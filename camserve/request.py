@@ -117,35 +117,31 @@ def _reject_bad_json(payload: bytes | bytearray | str) -> None:
 
 
 def _from_json_object(body: dict) -> ParsedRequest:
-    image_keys = [k for k in ("image", "data", "b64") if k in body]
-    unknown = sorted(set(body) - set(OPTION_FIELDS) - {"image", "data", "b64"})
-    if unknown:
-        raise input_error(
-            UNKNOWN_OPTION,
-            f"unknown field(s) {unknown}; a JSON body takes 'image' (base64) and the "
-            f"options {list(OPTION_FIELDS)}",
-        )
-    if len(image_keys) != 1:
-        raise input_error(MISSING_IMAGE, "a JSON body needs exactly one 'image' field (base64)")
-    encoded = body[image_keys[0]]
+    encoded = _image_field(body, ("image", "data", "b64"), "a JSON body", "'image', base64")
     if isinstance(encoded, dict) and "b64" in encoded:  # TF-serving style {"b64": "..."}
         encoded = encoded["b64"]
     return ParsedRequest(image=decode_base64(encoded), options=parse_options(body))
 
 
 def _from_form(fields: dict) -> ParsedRequest:
-    image_keys = [k for k in fields if k in IMAGE_FIELDS]
-    unknown = sorted(set(fields) - set(IMAGE_FIELDS) - set(OPTION_FIELDS))
+    image = _image_field(fields, IMAGE_FIELDS, "a form", "'data'")
+    options = {k: _form_value(v) for k, v in fields.items() if k in OPTION_FIELDS}
+    return ParsedRequest(image=_as_bytes(image), options=parse_options(options))
+
+
+def _image_field(fields: dict, image_fields: tuple[str, ...], where: str, name: str):
+    """The one image value among ``fields``; anything but options is refused."""
+    unknown = sorted(set(fields) - set(image_fields) - set(OPTION_FIELDS))
     if unknown:
         raise input_error(
             UNKNOWN_OPTION,
-            f"unknown form field(s) {unknown}; send the image as 'data' and the options "
-            f"{list(OPTION_FIELDS)}",
+            f"unknown field(s) {unknown} in {where}; send the image as {name} and the "
+            f"options {list(OPTION_FIELDS)}",
         )
-    if len(image_keys) != 1:
-        raise input_error(MISSING_IMAGE, "a form needs exactly one image field ('data')")
-    options = {k: _form_value(v) for k, v in fields.items() if k in OPTION_FIELDS}
-    return ParsedRequest(image=_as_bytes(fields[image_keys[0]]), options=parse_options(options))
+    keys = [key for key in fields if key in image_fields]
+    if len(keys) != 1:
+        raise input_error(MISSING_IMAGE, f"{where} needs exactly one image field ({name})")
+    return fields[keys[0]]
 
 
 def _form_value(value):

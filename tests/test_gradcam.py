@@ -14,6 +14,17 @@ def captum_map(model, layer_name, x, targets):
     return LayerGradCam(model, layer).attribute(x, target=targets, relu_attributions=True)[:, 0]
 
 
+def explain_counting_forwards(model, layer, x, targets=None, **kwargs):
+    """Explain ``x`` and count how many times the whole model ran forward."""
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        result = GradCam(model, layer)(x, targets, **kwargs)
+    finally:
+        handle.remove()
+    return result, len(calls)
+
+
 @pytest.fixture(params=["shapes", "resnet18"])
 def model_and_layer(request, shapes_explainer, resnet18):
     if request.param == "shapes":
@@ -34,13 +45,8 @@ def test_map_equals_captum_layergradcam(model_and_layer):
 def test_logits_come_from_the_explaining_forward(model_and_layer):
     model, layer, size = model_and_layer
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
-    calls = []
-    handle = model.register_forward_hook(lambda *a: calls.append(1))
-    try:
-        result = GradCam(model, layer)(x)
-    finally:
-        handle.remove()
-    assert len(calls) == 1
+    result, forwards = explain_counting_forwards(model, layer, x)
+    assert forwards == 1
     with torch.inference_mode():
         plain = model(x)
     torch.testing.assert_close(result.logits, plain, atol=1e-5, rtol=1e-5)
@@ -92,13 +98,8 @@ def test_batch_invariance(shapes_explainer):
 def test_extra_class_maps_equal_captum_and_reuse_the_forward(model_and_layer):
     model, layer, size = model_and_layer
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(6))
-    calls = []
-    handle = model.register_forward_hook(lambda *a: calls.append(1))
-    try:
-        result = GradCam(model, layer)(x, [None, 1], extra_classes=2)
-    finally:
-        handle.remove()
-    assert len(calls) == 1
+    result, forwards = explain_counting_forwards(model, layer, x, [None, 1], extra_classes=2)
+    assert forwards == 1
     assert len(result.extra) == 2
     order = result.logits.argsort(dim=1, descending=True)
     assert result.extra[0].targets[0] == order[0, 1] and result.extra[1].targets[0] == order[0, 2]

@@ -35,6 +35,7 @@ def kserve_server(tmp_path_factory, bundle):
         bundle / "config" / "config.properties",
         bundle / "model-store",
         models="",  # the config's model_snapshot loads the model, as under KServe
+        overrides={"metrics_config": str(bundle / "config" / "metrics.yaml")},
     )
     ts.start(wait_for="shapes")
     yield ts
@@ -74,13 +75,18 @@ def answer(response) -> dict:
 def test_bundle_layout_and_settings(bundle):
     assert sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()) == [
         "config/config.properties",
+        "config/metrics.yaml",
         "model-store/shapes.mar",
     ]
+    assert (bundle / "config" / "metrics.yaml").read_text() == (
+        REPO / "config" / "metrics.yaml"
+    ).read_text()
     properties = read_properties(bundle / "config" / "config.properties")
     assert properties["service_envelope"] == "kservev2"
     assert properties["inference_address"] == "http://0.0.0.0:8085"
     assert properties["model_store"] == "/mnt/models/model-store"
     assert properties["enable_model_api"] == "false"
+    assert properties["metrics_config"] == "/mnt/models/config/metrics.yaml"
     snapshot = json.loads(properties["model_snapshot"])
     assert snapshot["models"]["shapes"]["1.0"]["batchSize"] == 1
     assert snapshot["models"]["shapes"]["1.0"]["marName"] == "shapes.mar"
@@ -154,3 +160,13 @@ def test_served_with_batch_size_1(kserve_server):
     # And the archive in the repository keeps its own batching for plain TorchServe.
     local = yaml.safe_load((REPO / "models" / "shapes" / "model-config.yaml").read_text())
     assert local["batchSize"] > 1
+
+
+def test_camserve_metrics_are_exported_under_kserve(kserve_server):
+    response = post_v2(kserve_server, "infer", v2_request(png_bytes(held_out(0).image)))
+    assert response.status_code == 200, response.text
+    metrics = requests.get(f"{kserve_server.metrics_url}/metrics", timeout=30).text
+    assert any(
+        line.startswith("camserve_explanations_total") and float(line.split()[-1]) >= 1
+        for line in metrics.splitlines()
+    )
