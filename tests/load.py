@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 import requests
 
+from bench.run import machine
 from camserve.server import LocalTorchServe
 from tests.live import PRODUCTION_CONFIG, REPO, response_timeout, worker_processes
 
@@ -308,6 +309,9 @@ def soak(args: argparse.Namespace) -> int:
     }
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": f"python -m tests.load --clients {args.clients} --duration {args.duration:g} "
+        f"--warmup {args.warmup:g}",
+        "machine": machine(),
         "images": len(images),
         "load": load,
         "rss": rss,
