@@ -36,18 +36,18 @@ def score_figure(explainer: Explainer, index: int, out: Path) -> None:
     axes[0].imshow(sample.image)
     axes[0].set_title(f"input ({explainer.labels[result.target]})")
     limit = float(signed.abs().max())
-    image = axes[1].imshow(signed, cmap="coolwarm", vmin=-limit, vmax=limit)
+    image = axes[1].imshow(signed.numpy(), cmap="coolwarm", vmin=-limit, vmax=limit)
     axes[1].set_title("signed map M = Σ α_k A^k")
     fig.colorbar(image, ax=axes[1], fraction=0.046)
-    axes[2].imshow(signed.clamp_min(0), cmap="inferno")
+    axes[2].imshow(signed.clamp_min(0).numpy(), cmap="inferno")
     axes[2].set_title("Grad-CAM = ReLU(M)")
-    axes[3].imshow((signed + offset).clamp_min(0), cmap="inferno")
+    axes[3].imshow((signed + offset).clamp_min(0).numpy(), cmap="inferno")
     axes[3].set_title(f"ReLU(M + c), c = {offset:+.3f}")
     for axis in axes[:4]:
         axis.set_xticks([])
         axis.set_yticks([])
     plot = axes[4]
-    plot.plot(offsets, curve, color="black", linewidth=1.2)
+    plot.plot(offsets.numpy(), curve.numpy(), color="black", linewidth=1.2)
     plot.axvspan(
         -radius, radius, color="tab:orange", alpha=0.2, label=f"gauge ball |c| ≤ r = {radius:.3f}"
     )
