@@ -150,6 +150,44 @@ def encode_share(explainer: Explainer, image_bytes: bytes, repeats: int = 30) ->
     return shares
 
 
+def photo_jpeg(width: int = 4000, height: int = 3000) -> bytes:
+    """A smooth synthetic 12 MP photo, JPEG-encoded."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack(
+        [(np.sin(x / 200) + 1) * 127, (np.cos(y / 150) + 1) * 127, (x + y) % 255], axis=-1
+    ).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def decode_speed(repeats: int = 7) -> dict:
+    """Decode + preprocess of a 12 MP JPEG for a 224 network: full decode vs reduced-scale
+    JPEG decoding (``min_side``), which camserve's prepare() uses."""
+    from camserve.decode import decode_image
+
+    data = photo_jpeg()
+    preprocessing = Preprocessing(input_size=(224, 224), resize=256, center_crop=(224, 224))
+    side = preprocessing.min_source_side
+    stats = interleaved(
+        {
+            "full_decode": lambda: preprocessing(decode_image(data)),
+            "reduced_scale_decode": lambda: preprocessing(decode_image(data, min_side=side)),
+        },
+        repeats=repeats,
+        warmup=1,
+    )
+    full = stats["full_decode"].median_s
+    return {
+        "image": "4000x3000 JPEG, quality 90",
+        "stats": {k: v.to_json() for k, v in stats.items()},
+        "ratio_to_full": {k: round(v.median_s / full, 3) for k, v in stats.items()},
+    }
+
+
 def run(models: list[str], batches: list[int], repeats: int, with_slow: bool = True) -> dict:
     results = {}
     for name, explainer in explainers(models).items():

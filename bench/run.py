@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": TARGETS,
     }
     results["inprocess"] = inprocess.run(models, batches, repeats, with_slow=slow)
+    results["decode"] = inprocess.decode_speed(repeats=3 if args.smoke else 7)
     explainers = inprocess.explainers(e2e_models)
     results["encode"] = {
         name: inprocess.encode_share(explainer, e2e.jpeg_images(Path(tempfile.mkdtemp()),

@@ -33,8 +33,15 @@ def _looks_like_markup(data: bytes) -> bool:
     return data[:512].removeprefix(_BOM).lstrip()[:5].startswith(_TEXT_PREFIXES)
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode image bytes to an upright RGB image, or raise ``InputError``."""
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> Image.Image:
+    """Decode image bytes to an upright RGB image, or raise ``InputError``.
+
+    ``min_side``: the smallest side the caller needs. A JPEG much larger than that is
+    decoded at a reduced DCT scale (1/2, 1/4 or 1/8), still at least ``min_side`` on each
+    side: several times faster for photos that are resized down anyway.
+    """
     if not data:
         raise input_error(EMPTY_BODY, "the request carried no image bytes")
     if _looks_like_markup(data):
@@ -72,6 +79,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             # PIL checks chunk CRCs only while reading the header; libpng rejects a bad
             # CRC anywhere, and so do we: the bytes were damaged on the way.
             Image.open(io.BytesIO(data), formats=("PNG",)).verify()
+        if min_side is not None and image.format == "JPEG":
+            image.draft(image.mode, (min_side, min_side))
         image.load()  # first frame only for animated formats
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)

@@ -206,7 +206,9 @@ class Explainer:
     def prepare(self, request: ParsedRequest) -> PreparedImage:
         """Decode and validate one request; raises ``InputError`` for a bad item."""
         target = resolve_target(request.options.target, self.labels)
-        image = decode_image(request.image, self.config.max_pixels)
+        image = decode_image(
+            request.image, self.config.max_pixels, self.config.preprocessing.min_source_side
+        )
         return self.prepare_image(image, request.options, target)
 
     def prepare_image(

@@ -43,6 +43,12 @@ class Preprocessing:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self._transform(image)
 
+    @property
+    def min_source_side(self) -> int:
+        """A source at least this large on each side is only ever scaled down."""
+        resize = self.resize if self.resize is not None else self.input_size
+        return resize if isinstance(resize, int) else max(resize)
+
     def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return torch.stack([self(image) for image in images])
 

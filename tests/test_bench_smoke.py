@@ -29,3 +29,4 @@ def test_bench_smoke_run_writes_results_and_chart(tmp_path):
     assert set(e2e["ratios"]) == {"c1_p50_latency", "c8_throughput", "peak_worker_rss"}
     assert set(results["encode"]["shapes"]) == {"json_only", "with_png"}
     assert results["verdicts"]
+    assert set(results["decode"]["ratio_to_full"]) == {"full_decode", "reduced_scale_decode"}

@@ -90,3 +90,13 @@ def test_decode_enforces_the_pixel_limit():
     data = png_bytes(Image.new("RGB", (100, 100)))
     assert code_of(lambda: decode_image(data, max_pixels=9999)) == "image_too_large"
     assert decode_image(data, max_pixels=10000).size == (100, 100)
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_scale_but_never_below_the_need():
+    image = Image.new("RGB", (1600, 1200), (30, 120, 200))
+    data = png_bytes(image, "JPEG")
+    assert decode_image(data).size == (1600, 1200)
+    reduced = decode_image(data, min_side=256)
+    assert reduced.size == (400, 300)  # 1/4 scale: 1/8 would give 150 < 256
+    assert min(decode_image(data, min_side=300).size) >= 300
+    assert decode_image(png_bytes(image, "PNG"), min_side=256).size == (1600, 1200)
