@@ -27,7 +27,8 @@ class PlainHandler(BaseHandler):
         self.initialized = True
 
     def handle(self, data, context):
-        images = [decode_image(parse_item(item).image) for item in data]
+        side = self.config.preprocessing.min_source_side
+        images = [decode_image(parse_item(item).image, min_side=side) for item in data]
         x = self.config.preprocessing.batch(images)
         with torch.inference_mode():
             probabilities = self.model(x).softmax(dim=1)
