@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
 import requests
-import yaml
 
-from camserve.archive import build_archive
 from camserve.response import load_schema
 from camserve.server import LocalTorchServe
-from tests.conftest import CONFIG, SHAPES_DIR, held_out, png_bytes
+from tests.conftest import CONFIG, held_out, png_bytes, shapes_variant_store
 
 pytestmark = pytest.mark.integration
 VALIDATOR = jsonschema.Draft202012Validator(load_schema())
@@ -114,14 +111,7 @@ def test_bad_image_gets_a_json_4xx(server):
 @pytest.fixture(scope="module")
 def batching_server(tmp_path_factory):
     """The shapes archive with batchSize 4 and a long delay, so 4 concurrent posts share a batch."""
-    source = tmp_path_factory.mktemp("batching_model")
-    for item in SHAPES_DIR.iterdir():
-        shutil.copy2(item, source / item.name)
-    config = yaml.safe_load((source / "model-config.yaml").read_text())
-    config.update(batchSize=4, maxBatchDelay=5000)
-    (source / "model-config.yaml").write_text(yaml.safe_dump(config))
-    store = tmp_path_factory.mktemp("batching_store")
-    build_archive(source, "shapes", store)
+    store = shapes_variant_store(tmp_path_factory, "batching", batchSize=4, maxBatchDelay=5000)
     ts = LocalTorchServe.on_free_ports(tmp_path_factory.mktemp("ts_batching"), CONFIG, store)
     ts.start()
     yield ts
