@@ -6,6 +6,7 @@ CAMSERVE := $(VENV)/bin/camserve
 INSTALLED := $(VENV)/.installed
 SHAPES_FILES := $(wildcard models/shapes/*)
 CORE_FILES := $(shell find camserve handlers -name '*.py' -o -name '*.json' 2>/dev/null)
+HARNESS := $(PY) -m harness
 
 .PHONY: serve stop test lint format train evaluate archive calibrate calibrate-shapes venv clean monitor monitor-stop \
 	gallery kserve-bundle bench soak
@@ -40,13 +41,15 @@ calibrate: $(INSTALLED)
 # Recomputes models/shapes/calibration.pt on the shapes training set (after `make train`).
 SHAPES_CALIBRATION_COUNT ?= 4000
 calibrate-shapes: $(INSTALLED)
-	$(CAMSERVE) calibrate --model-dir models/shapes --shapes-train $(SHAPES_CALIBRATION_COUNT)
+	$(HARNESS).shapes.calibrate --count $(SHAPES_CALIBRATION_COUNT)
 
+# `make serve MODELS=resnet50=resnet50_calibrated.mar` serves another archive of model_store/.
+MODELS ?= shapes=shapes.mar
 serve: model_store/shapes.mar
-	$(CAMSERVE) serve
+	$(HARNESS).local_torchserve serve --models $(MODELS)
 
 stop: $(INSTALLED)
-	$(CAMSERVE) stop
+	$(HARNESS).local_torchserve stop
 
 # A local Prometheus (Debian's package, installed when missing) scraping the TorchServe of
 # `make serve`, with the alert rules of config/prometheus; see docs/monitoring.md.
@@ -54,10 +57,10 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 monitor: $(INSTALLED)
 	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
-	$(PY) -m camserve.prometheus start
+	$(HARNESS).local_prometheus start
 
 monitor-stop: $(INSTALLED)
-	$(PY) -m camserve.prometheus stop
+	$(HARNESS).local_prometheus stop
 
 test: model_store/shapes.mar
 	$(VENV)/bin/ruff check .
@@ -80,24 +83,24 @@ format: $(INSTALLED)
 
 # Reproduces models/shapes/shapes.pt (see models/shapes/training.json for the record).
 train: $(INSTALLED)
-	$(PY) -m camserve.shapes.train --seed 0 --out models/shapes
-	$(CAMSERVE) calibrate --model-dir models/shapes --shapes-train $(SHAPES_CALIBRATION_COUNT)
-	$(PY) -m camserve.shapes.evaluate --model-dir models/shapes
+	$(HARNESS).shapes.train --seed 0 --out models/shapes
+	$(HARNESS).shapes.calibrate --count $(SHAPES_CALIBRATION_COUNT)
+	$(HARNESS).shapes.evaluate --model-dir models/shapes
 
 evaluate: $(INSTALLED)
-	$(PY) -m camserve.shapes.evaluate --model-dir models/shapes
+	$(HARNESS).shapes.evaluate --model-dir models/shapes
 
 # Explanations on generated shapes images, most stable first: docs/gallery.png,
 # docs/overview.png (the README picture) and .run/gallery/index.html.
 gallery: $(INSTALLED)
-	$(PY) -m camserve.gallery --model-dir models/shapes --count 24 \
+	$(HARNESS).gallery --model-dir models/shapes --count 24 \
 		--png docs/gallery.png --overview docs/overview.png --html .run/gallery/index.html
-	$(PY) -m camserve.figures --model-dir models/shapes --out docs/score.png
+	$(HARNESS).figures --model-dir models/shapes --out docs/score.png
 
 # The storage layout of KServe's TorchServe runtime: config/config.properties + model-store/*.mar.
 kserve-bundle: $(INSTALLED)
 	rm -rf .run/kserve-bundle
-	$(PY) -m camserve.kserve --model-dir models/shapes --name shapes --out .run/kserve-bundle
+	$(CAMSERVE) kserve-bundle --model-dir models/shapes --name shapes --out .run/kserve-bundle
 
 # Performance against a plain prediction and the alternatives (about 10-15 minutes):
 # writes bench/results/<date>-bench.json and .png. Not part of `make test`.

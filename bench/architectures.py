@@ -23,8 +23,8 @@ from PIL import Image
 
 from bench.run import RESULTS, machine
 from bench.timing import interleaved
-from camserve.archive import make_preprocessing
 from camserve.explainer import Explainer, ExplainerConfig
+from camserve.tools.archive import make_preprocessing
 
 ARCHITECTURES = (
     "resnet18", "resnet34", "resnet50", "resnet101", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn",

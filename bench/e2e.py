@@ -18,9 +18,9 @@ import torch
 import torchvision
 import yaml
 
-from camserve.archive import HANDLER_FILE, build_archive
-from camserve.server import LocalTorchServe
-from camserve.shapes.dataset import HELD_OUT_SEED, render_sample
+from camserve.tools.archive import HANDLER_FILE, build_archive
+from harness.local_torchserve import LocalTorchServe
+from harness.shapes.dataset import HELD_OUT_SEED, render_sample
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config" / "config.properties"

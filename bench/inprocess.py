@@ -18,10 +18,10 @@ from captum.attr import IntegratedGradients, LayerGradCam
 from torch import nn
 
 from bench.timing import interleaved
+from camserve.encode_json import explanation_json
 from camserve.explainer import Explainer, ExplainerConfig, PreparedImage
 from camserve.preprocess import Preprocessing
 from camserve.request import ParsedRequest, RequestOptions
-from camserve.response import explanation_json
 
 SHAPES_DIR = "models/shapes"
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from camserve.architectures import build_model, load_weights
 from camserve.decode import decode_image
-from camserve.explainer import ExplainerConfig
+from camserve.explainer import ExplainerConfig, load_model
 from camserve.gradcam import freeze
 from camserve.labels import load_labels
 from camserve.request import parse_item
@@ -22,8 +21,7 @@ class PlainHandler(BaseHandler):
         model_dir = Path(context.system_properties["model_dir"])
         self.config = ExplainerConfig.from_handler_section(context.model_yaml_config["handler"])
         self.labels = load_labels(model_dir / self.config.labels)
-        model = build_model(self.config.architecture, len(self.labels))
-        self.model = freeze(load_weights(model, model_dir / self.config.weights))
+        self.model = freeze(load_model(model_dir, self.config, len(self.labels)))
         self.initialized = True
 
     def handle(self, data, context):

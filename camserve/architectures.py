@@ -1,4 +1,4 @@
-"""Build a classifier by name: ``shapes_net``, a torchvision model, or a custom class."""
+"""Build a classifier by name: a torchvision model, or a custom class from a model file."""
 
 from __future__ import annotations
 
@@ -11,10 +11,6 @@ import torch
 import torchvision
 from torch import nn
 
-from camserve.shapes.net import ShapesNet
-
-SHAPES_NET = "shapes_net"
-
 
 def build_model(
     architecture: str,
@@ -23,8 +19,6 @@ def build_model(
     model_class: str | None = None,
 ) -> nn.Module:
     """An untrained model of the named architecture with ``num_classes`` outputs."""
-    if architecture == SHAPES_NET:
-        return ShapesNet(num_classes=num_classes)
     if model_file is not None:
         return _custom_model(Path(model_file), model_class or architecture, num_classes)
     known = torchvision.models.list_models(module=torchvision.models)
@@ -32,7 +26,7 @@ def build_model(
         close = difflib.get_close_matches(architecture, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(
-            f"unknown architecture {architecture!r}{hint}; use {SHAPES_NET!r}, a torchvision "
+            f"unknown architecture {architecture!r}{hint}; use a torchvision "
             "classification model (torchvision.models.list_models()), or a model file + class"
         )
     return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)

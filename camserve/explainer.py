@@ -140,6 +140,18 @@ class ExplainedImage:
     more: tuple[ClassExplanation, ...] = ()  # the next classes, when ``maps`` > 1
 
 
+def load_model(directory: str | Path, config: ExplainerConfig, num_classes: int) -> nn.Module:
+    """The configured architecture (or model file) with its weights, from a model folder."""
+    directory = Path(directory)
+    model = build_model(
+        config.architecture,
+        num_classes,
+        model_file=directory / config.model_file if config.model_file else None,
+        model_class=config.model_class,
+    )
+    return load_weights(model, directory / config.weights)
+
+
 def load_calibration(path: str | Path, layer: str | None = None) -> ChannelStatistics:
     """Statistics written by ``camserve calibrate``; refused if taken at another layer."""
     data = torch.load(path, map_location="cpu", weights_only=True)
@@ -185,13 +197,7 @@ class Explainer:
             section = yaml.safe_load((directory / MODEL_CONFIG).read_text())["handler"]
         config = ExplainerConfig.from_handler_section(section)
         labels = load_labels(directory / config.labels)
-        model = build_model(
-            config.architecture,
-            len(labels),
-            model_file=directory / config.model_file if config.model_file else None,
-            model_class=config.model_class,
-        )
-        load_weights(model, directory / config.weights)
+        model = load_model(directory, config, len(labels))
         calibration = (
             load_calibration(directory / config.calibration, config.target_layer)
             if config.calibration

@@ -1,4 +1,4 @@
-"""signed map -> zero-reference sensitivity score (DESIGN section 2).
+"""signed map -> zero-reference sensitivity score (docs/score.md).
 
 Shifting the target layer's activations by a per-channel constant delta, with the
 downstream bias compensating, leaves alpha unchanged and moves the signed map by the

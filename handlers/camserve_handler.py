@@ -12,11 +12,11 @@ import logging
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from camserve.encode_json import error_json, explanation_json
+from camserve.encode_png import PNG_MEDIA_TYPE, accepts_png, overlay_png
 from camserve.errors import InputError
 from camserve.explainer import Explainer
-from camserve.render import PNG_MEDIA_TYPE, accepts_png, overlay_png
 from camserve.request import is_v2_input, parse_item, several_v2_inputs
-from camserve.response import error_json, explanation_json
 from camserve.telemetry import Telemetry
 
 log = logging.getLogger(__name__)

@@ -10,10 +10,10 @@ import torch
 import torchvision
 import yaml
 
-from camserve.archive import build_archive
 from camserve.explainer import Explainer
-from camserve.server import LocalTorchServe, free_port
-from camserve.shapes.dataset import HELD_OUT_SEED, render_sample
+from camserve.tools.archive import build_archive
+from harness.local_torchserve import LocalTorchServe, free_port
+from harness.shapes.dataset import HELD_OUT_SEED, render_sample
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES_DIR = REPO / "models" / "shapes"

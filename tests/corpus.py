@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from camserve.shapes.dataset import CLASSES, HELD_OUT_SEED, render_sample
+from harness.shapes.dataset import CLASSES, HELD_OUT_SEED, render_sample
 
 OK = "ok"
 # TorchServe's frontend refuses bodies over max_request_size itself: 413, empty body.

@@ -10,9 +10,9 @@ import psutil
 import requests
 import yaml
 
-from camserve.archive import build_archive
-from camserve.response import load_schema
-from camserve.server import LocalTorchServe
+from camserve.encode_json import load_schema
+from camserve.tools.archive import build_archive
+from harness.local_torchserve import LocalTorchServe
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES_DIR = REPO / "models" / "shapes"

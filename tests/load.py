@@ -28,7 +28,7 @@ import psutil
 import requests
 
 from bench.run import machine
-from camserve.server import LocalTorchServe
+from harness.local_torchserve import LocalTorchServe
 from tests.live import PRODUCTION_CONFIG, REPO, response_timeout, worker_processes
 
 PROBABILITY_TOLERANCE = 1e-4  # batch composition changes float rounding, nothing more
@@ -281,8 +281,8 @@ def crash_run(
 
 def soak(args: argparse.Namespace) -> int:
     """The long run behind ``make soak``; writes bench/results/<date>-soak.json."""
-    from camserve.archive import build_archive
-    from camserve.shapes.dataset import HELD_OUT_SEED, render_sample
+    from camserve.tools.archive import build_archive
+    from harness.shapes.dataset import HELD_OUT_SEED, render_sample
 
     work = Path(tempfile.mkdtemp(prefix="camserve-soak-"))
     store = work / "store"

@@ -1,4 +1,4 @@
-"""Oracles shared by the test modules: the compensated-network check of DESIGN section 3."""
+"""Oracles shared by the test modules: the compensated network of docs/score.md#oracles."""
 
 from __future__ import annotations
 

@@ -18,12 +18,12 @@ from captum.attr import LayerGradCam
 from torch import nn
 
 from camserve.architectures import build_model
-from camserve.archive import build_model_archive, make_preprocessing, write_model_dir
-from camserve.cli import main as camserve
 from camserve.compensation import RELATIVE_TOLERANCE, probe_compensable
 from camserve.explainer import Explainer, ExplainerConfig
 from camserve.gradcam import GradCam
 from camserve.layers import auto_target_layer
+from camserve.tools.archive import build_model_archive, make_preprocessing, write_model_dir
+from camserve.tools.cli import main as camserve
 from tests.oracles import oracle
 
 SIZE = (64, 64)

@@ -13,7 +13,9 @@ import torch
 import torchvision
 import yaml
 
-from camserve.calibration import (
+from camserve.encode_json import load_schema
+from camserve.explainer import Explainer, load_calibration
+from camserve.tools.calibrate import (
     CALIBRATION_FILE,
     RunningChannelStatistics,
     activation_statistics,
@@ -22,10 +24,8 @@ from camserve.calibration import (
     calibrate_model_dir,
     sha256,
 )
-from camserve.cli import main as camserve
-from camserve.explainer import Explainer, load_calibration
-from camserve.response import load_schema
-from camserve.server import LocalTorchServe
+from camserve.tools.cli import main as camserve
+from harness.local_torchserve import LocalTorchServe
 from tests.conftest import CONFIG, SHAPES_DIR, held_out, png_bytes
 from tests.oracles import oracle
 
@@ -124,7 +124,7 @@ def test_calibrate_command_on_a_model_dir(uncalibrated_shapes, tmp_path, capsys)
     assert "(3 images)" in capsys.readouterr().out
     assert Explainer.from_directory(uncalibrated_shapes).calibration.count == 3
     assert camserve(["calibrate", "--model-dir", str(uncalibrated_shapes)]) == 2
-    assert "give an image folder or --shapes-train" in capsys.readouterr().err
+    assert "give a folder of calibration images" in capsys.readouterr().err
     # Statistics of one layer are refused for another.
     config_path = uncalibrated_shapes / "model-config.yaml"
     config = yaml.safe_load(config_path.read_text())

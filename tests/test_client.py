@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from camserve.cli import main
-from camserve.client import (
+from camserve.tools.cli import main
+from camserve.tools.client import (
     TOKEN_ENV,
     Client,
     ClientError,
@@ -20,7 +20,7 @@ from camserve.client import (
     overlay_paths,
     predict_files,
 )
-from camserve.server import free_port
+from harness.local_torchserve import free_port
 from tests.conftest import held_out
 
 CLASSES = ["circle", "square", "triangle", "star", "cross", "ring"]

@@ -1,4 +1,4 @@
-"""The compensated-network oracle (DESIGN section 3) and the load-time probe."""
+"""The compensated-network oracle (docs/score.md#oracles) and the load-time probe."""
 
 from __future__ import annotations
 

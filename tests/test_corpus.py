@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from camserve.server import LocalTorchServe, read_properties
+from harness.local_torchserve import LocalTorchServe, read_properties
 from tests.conftest import CONFIG, held_out, png_bytes
 from tests.corpus import FRONTEND_413, OK, Case, build_corpus
 from tests.live import VALIDATOR, archive_with, map_distance, same_answer, worker_processes

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from camserve.server import read_properties
+from harness.local_torchserve import read_properties
 from tests.conftest import REPO
 
 DOCKERFILE = REPO / "deploy" / "Dockerfile"

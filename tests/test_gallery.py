@@ -6,7 +6,7 @@ import re
 
 from PIL import Image
 
-from camserve import gallery
+from harness import gallery
 from tests.conftest import SHAPES_DIR
 
 
@@ -37,7 +37,7 @@ def test_gallery_builds_sorted_most_stable_first(tmp_path):
 
 def test_score_figure_is_drawn_from_a_real_explanation(tmp_path):
     from camserve.explainer import Explainer
-    from camserve.figures import score_figure
+    from harness.figures import score_figure
 
     out = tmp_path / "score.png"
     score_figure(Explainer.from_directory(SHAPES_DIR), 1, out)

@@ -12,9 +12,9 @@ import requests
 import torch
 from PIL import Image
 
-from camserve import render
+from camserve import encode_png as render
+from camserve.encode_json import explanation_json, load_schema
 from camserve.request import RequestOptions
-from camserve.response import explanation_json, load_schema
 from tests.conftest import held_out, png_bytes
 
 VALIDATOR = jsonschema.Draft202012Validator(load_schema())

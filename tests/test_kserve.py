@@ -12,9 +12,9 @@ import pytest
 import requests
 import yaml
 
-from camserve.kserve import KSERVE_CONFIG, build_bundle
-from camserve.response import load_schema
-from camserve.server import LocalTorchServe, read_properties
+from camserve.encode_json import load_schema
+from camserve.tools.kserve_bundle import KSERVE_CONFIG, build_bundle
+from harness.local_torchserve import LocalTorchServe, read_properties
 from tests.conftest import REPO, SHAPES_DIR, held_out, png_bytes
 
 pytestmark = pytest.mark.integration

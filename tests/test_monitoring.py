@@ -27,12 +27,12 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.metrics.metric_type_enum import MetricTypes
 
 from camserve import telemetry
+from camserve.encode_json import load_schema
 from camserve.errors import ERROR_CODES
-from camserve.prometheus import LocalPrometheus, executable, local_config
-from camserve.prometheus import main as prometheus_main
 from camserve.request import ParsedRequest, RequestOptions
-from camserve.response import load_schema
-from camserve.server import LocalTorchServe, free_port
+from harness.local_prometheus import LocalPrometheus, executable, local_config
+from harness.local_prometheus import main as prometheus_main
+from harness.local_torchserve import LocalTorchServe, free_port
 from tests.conftest import CONFIG, REPO, held_out, png_bytes, shapes_variant_store
 
 METRICS_YAML = REPO / "config" / "metrics.yaml"

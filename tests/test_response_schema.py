@@ -5,9 +5,9 @@ from __future__ import annotations
 import jsonschema
 import pytest
 
+from camserve.encode_json import error_json, explanation_json, load_schema
 from camserve.errors import ERROR_CODES, InputError
 from camserve.request import ParsedRequest, RequestOptions
-from camserve.response import error_json, explanation_json, load_schema
 from tests.conftest import held_out, png_bytes
 
 VALIDATOR = jsonschema.Draft202012Validator(load_schema())

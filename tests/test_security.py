@@ -18,8 +18,8 @@ import yaml
 
 from camserve.architectures import load_weights
 from camserve.explainer import Explainer
-from camserve.server import read_properties
-from camserve.shapes.net import ShapesNet
+from harness.local_torchserve import read_properties
+from harness.shapes import shapes_net
 from tests.conftest import SHAPES_DIR, held_out, png_bytes
 from tests.live import PRODUCTION_CONFIG
 
@@ -188,20 +188,20 @@ class _Payload:
 
 
 def test_weights_load_with_weights_only(tmp_path):
-    model = ShapesNet(num_classes=6)
+    model = shapes_net()
     torch.save(model.state_dict(), tmp_path / "state.pt")
-    loaded = load_weights(ShapesNet(num_classes=6), tmp_path / "state.pt")
+    loaded = load_weights(shapes_net(), tmp_path / "state.pt")
     pairs = zip(model.state_dict().values(), loaded.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
 
     torch.save(model, tmp_path / "module.pt")  # a pickled nn.Module, not a state_dict
     with pytest.raises(ValueError, match="weights_only=True"):
-        load_weights(ShapesNet(num_classes=6), tmp_path / "module.pt")
+        load_weights(shapes_net(), tmp_path / "module.pt")
 
     marker = tmp_path / "code-ran"
     torch.save({"features.0.weight": _Payload(marker)}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="pickled modules and code are refused"):
-        load_weights(ShapesNet(num_classes=6), tmp_path / "evil.pt")
+        load_weights(shapes_net(), tmp_path / "evil.pt")
     assert not marker.exists(), "unpickling ran code"
 
 
@@ -210,6 +210,6 @@ def test_a_model_folder_with_a_pickled_module_does_not_load(tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(SHAPES_DIR, folder)
     config = yaml.safe_load((folder / "model-config.yaml").read_text())
-    torch.save(ShapesNet(num_classes=6), folder / config["handler"]["weights"])
+    torch.save(shapes_net(), folder / config["handler"]["weights"])
     with pytest.raises(ValueError, match="weights_only=True"):
         Explainer.from_directory(folder)

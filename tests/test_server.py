@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 import requests
 
-from camserve.response import load_schema
-from camserve.server import LocalTorchServe
+from camserve.encode_json import load_schema
+from harness.local_torchserve import LocalTorchServe
 from tests.conftest import CONFIG, held_out, png_bytes, shapes_variant_store
 
 pytestmark = pytest.mark.integration

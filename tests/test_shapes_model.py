@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from camserve.shapes.dataset import CLASSES, render_sample
-from camserve.shapes.evaluate import evaluate
+from harness.shapes.dataset import CLASSES, render_sample
+from harness.shapes.evaluate import evaluate
 from tests.conftest import SHAPES_DIR
 
 
@@ -28,7 +28,7 @@ def test_committed_weights_are_small_and_labelled():
     labels = json.loads((SHAPES_DIR / "index_to_name.json").read_text())
     assert [labels[str(i)] for i in range(len(CLASSES))] == list(CLASSES)
     record = json.loads((SHAPES_DIR / "training.json").read_text())
-    assert record["seed"] == 0 and "camserve.shapes.train" in record["command"]
+    assert record["seed"] == 0 and "harness.shapes.train" in record["command"]
 
 
 def test_accuracy_and_pointing_game_on_held_out_images(shapes_explainer):

@@ -1,6 +1,6 @@
 """Start, query and stop a local Prometheus scraping a local TorchServe.
 
-Used by ``make monitor`` (``python -m camserve.prometheus start``) and by the monitoring
+Used by ``make monitor`` (``python -m harness.local_prometheus start``) and by the monitoring
 tests. The scrape config and alert rules are the shipped ones in ``config/prometheus/``;
 only the target, the intervals and the rule-file paths are filled in for the local run.
 """
@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import requests
 import yaml
 
-from camserve.server import read_properties
+from harness.local_torchserve import read_properties
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "config" / "prometheus"
@@ -121,19 +119,16 @@ class LocalPrometheus:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"prometheus exited: {self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except OSError as err:
+                if requests.get(f"{self.url}/-/ready", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException as err:
                 last = repr(err)
             time.sleep(0.3)
         raise TimeoutError(f"prometheus not ready after {timeout}s ({last}); {self.log_tail()}")
 
     def api(self, path: str, **params: str) -> dict | list:
         """GET ``/api/v1/<path>`` and return its ``data``; raises on an error status."""
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=10) as response:
-            body = json.loads(response.read())
+        body = requests.get(f"{self.url}/api/v1/{path}", params=params, timeout=10).json()
         if body.get("status") != "success":
             raise RuntimeError(f"prometheus API {path}: {body}")
         return body["data"]
@@ -183,7 +178,7 @@ def _is_prometheus(pid: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m camserve.prometheus", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m harness.local_prometheus", description=__doc__)
     parser.add_argument("command", choices=["start", "stop"])
     parser.add_argument("--config", type=Path, default=Path("config/config.properties"))
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)

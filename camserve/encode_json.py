@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
+from camserve.encode_png import images_json
 from camserve.explainer import ExplainedImage
 from camserve.preprocess import Preprocessing
-from camserve.render import images_json
 
 SCHEMA_PATH = Path(__file__).with_name("schema") / "response.schema.json"
 MAP_DECIMALS = 4

@@ -1,7 +1,8 @@
 """Pack a model folder (weights, labels, model-config.yaml) into a self-contained ``.mar``.
 
-The archive carries the handler and the ``camserve`` package, so it runs on a stock
-TorchServe with torch, torchvision, captum and pillow installed and nothing of ours.
+The archive carries the handler and the serving core (the ``camserve`` package without
+``camserve.tools``), so it runs on a stock TorchServe with torch, torchvision, captum and
+pillow installed and nothing of ours.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -23,7 +25,6 @@ from PIL import Image
 
 import camserve
 from camserve.architectures import (
-    SHAPES_NET,
     build_model,
     imagenet_categories,
     infer_num_classes,
@@ -38,14 +39,21 @@ from camserve.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 log = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(camserve.__file__).resolve().parent
-REPO_DIR = PACKAGE_DIR.parent
-HANDLER_FILE = REPO_DIR / "handlers" / "camserve_handler.py"
+CORE_DIR = Path(camserve.__file__).resolve().parent
+# handlers/ is installed as camserve.handlers (pyproject's package-dir), so this works from a
+# source checkout and from an installed wheel alike.
+HANDLER_FILE = Path(str(resources.files("camserve.handlers") / "camserve_handler.py"))
 MODEL_CONFIG = "model-config.yaml"
 
 
-def _ignore(directory: str, names: list[str]) -> list[str]:
-    return [n for n in names if n == "__pycache__" or n.endswith((".pyc", ".pyo"))]
+def _core_only(directory: str, names: list[str]) -> list[str]:
+    """What the archive leaves out of the package: the build tools and bytecode."""
+    top = Path(directory).resolve() == CORE_DIR
+    return [
+        n
+        for n in names
+        if n == "__pycache__" or n.endswith((".pyc", ".pyo")) or (top and n == "tools")
+    ]
 
 
 def build_archive(
@@ -67,7 +75,7 @@ def build_archive(
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="camserve-archive-") as work:
         payload = Path(work) / "payload"
-        shutil.copytree(PACKAGE_DIR, payload / "camserve", ignore=_ignore)
+        shutil.copytree(CORE_DIR, payload / "camserve", ignore=_core_only)
         for file in needed + [MODEL_CONFIG]:
             shutil.copy2(model_dir / file, payload / file)
         # torch-model-archiver stages in $TMPDIR/<name> and deletes it: give it its own.
@@ -295,14 +303,14 @@ def _labels(
             names, labels_from = read_labels(labels), str(labels)
         else:
             names, labels_from = [str(label) for label in labels], "given"
-        if model_file is None and architecture != SHAPES_NET:
+        if model_file is None:
             count = infer_num_classes(architecture, state)
             if count != len(names):
                 raise ValueError(
                     f"the weights have {count} classes, but {len(names)} labels were given"
                 )
         return names, labels_from
-    if model_file is not None or architecture == SHAPES_NET:
+    if model_file is not None:
         raise ValueError("this model needs --labels (index_to_name.json or one label a line)")
     count = infer_num_classes(architecture, state)
     categories = imagenet_categories(architecture) if count == 1000 else None

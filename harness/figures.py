@@ -1,6 +1,6 @@
 """The README's figure of what the zero-reference score measures, drawn from a real example.
 
-python -m camserve.figures --model-dir models/shapes --out docs/score.png
+python -m harness.figures --model-dir models/shapes --out docs/score.png
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from camserve.explainer import Explainer
-from camserve.shapes.dataset import HELD_OUT_SEED, render_sample
 from camserve.zero_reference import total_variation
+from harness.shapes.dataset import HELD_OUT_SEED, render_sample
 
 
 def score_figure(explainer: Explainer, index: int, out: Path) -> None:

@@ -1,8 +1,8 @@
-"""``camserve``: build archives, run a local server, and call it.
+"""``camserve``: build archives, calibrate them, and call a server.
 
 camserve archive --model-dir models/shapes --name shapes --export-path model_store
-camserve serve    # starts TorchServe in the background and prints a request to paste
-camserve stop
+camserve archive --arch resnet50 --weights my.pth
+camserve calibrate model_store/resnet50.mar ./images
 camserve predict examples/*.png --out .run/overlays   # table + overlay PNGs
 """
 
@@ -12,7 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_WORKDIR = Path(".run/serve")
 PROGRESS_MIN_IMAGES = 8
 
 
@@ -23,7 +22,7 @@ MODEL_OPTIONS = (
 
 
 def _archive(args: argparse.Namespace) -> int:
-    from camserve.archive import build_archive, build_model_archive, make_preprocessing
+    from camserve.tools.archive import build_archive, build_model_archive, make_preprocessing
 
     if args.model_dir is not None:
         given = [f"--{k.replace('_', '-')}" for k in MODEL_OPTIONS if getattr(args, k) is not None]
@@ -77,31 +76,24 @@ def _size(text: str) -> int | tuple[int, int]:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from camserve import calibration
+    from camserve.tools import calibrate
 
     if args.model_dir is not None and args.images is None and args.archive is not None:
         args.images, args.archive = args.archive, None  # calibrate --model-dir DIR IMAGES
     if (args.model_dir is None) == (args.archive is None):
-        raise ValueError("give an archive (.mar) and an image folder, or --model-dir DIR")
+        raise ValueError("give an archive (.mar) and an image folder, or --model-dir DIR IMAGES")
+    if args.images is None:
+        raise ValueError("give a folder of calibration images")
     if args.model_dir is not None:
-        if (args.images is None) == (args.shapes_train is None):
-            raise ValueError("give an image folder or --shapes-train COUNT")
-        if args.images is not None:
-            files = calibration.image_files(args.images)[: args.limit]
-            images = calibration.read_images(files, args.max_pixels, args.skip_unreadable)
-            source, total = f"{len(files)} files under {args.images}", len(files)
-        else:
-            images = calibration.shapes_training_images(args.shapes_train)
-            source = f"shapes training set (TRAIN_SEED), images 0..{args.shapes_train - 1}"
-            total = args.shapes_train
-        stats = calibration.calibrate_model_dir(
-            args.model_dir, images, source, total, args.batch_size
-        )
-        print(f"wrote {args.model_dir / calibration.CALIBRATION_FILE} ({stats.count} images)")
+        files = calibrate.image_files(args.images)[: args.limit]
+        images = calibrate.read_images(files, args.max_pixels, args.skip_unreadable)
+        stats = calibrate.calibrate_model_dir(
+            args.model_dir, images, f"{len(files)} files under {args.images}", len(files),
+            args.batch_size,
+        )  # fmt: skip
+        print(f"wrote {args.model_dir / calibrate.CALIBRATION_FILE} ({stats.count} images)")
         return 0
-    if args.images is None or args.shapes_train is not None:
-        raise ValueError("calibrating an archive needs an image folder (and no --shapes-train)")
-    path, stats = calibration.calibrate_archive(
+    path, stats = calibrate.calibrate_archive(
         args.archive,
         args.images,
         export_path=args.export_path,
@@ -114,40 +106,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _server(args: argparse.Namespace):
-    from camserve.server import LocalTorchServe
+def _kserve_bundle(args: argparse.Namespace) -> int:
+    from camserve.tools.kserve_bundle import build_bundle
 
-    return LocalTorchServe(
-        workdir=args.workdir,
-        base_config=args.config,
-        model_store=args.model_store,
-        models=args.models,
-        foreground=False,
-    )
-
-
-def _serve(args: argparse.Namespace) -> int:
-    server = _server(args)
-    server.start(wait_for=args.models.split("=")[0])
-    key_file = server.workdir / "key_file.json"
-    model = args.models.split("=")[0]
-    print(f"TorchServe is up: inference {server.inference_url}, metrics {server.metrics_url}")
-    print(f"Tokens are in {key_file}. Post an image with:\n")
-    print(
-        f"  curl -s -H \"Authorization: Bearer $(python3 -c 'import json; print(json.load("
-        f'open("{key_file}"))["inference"]["key"])\')" '
-        # Without a Content-Type, curl says x-www-form-urlencoded and TorchServe answers 500.
-        '-H "Content-Type: image/png" '
-        f"--data-binary @examples/star.png {server.inference_url}/predictions/{model}\n"
-    )
-    print("Or with the client (a table, and overlay PNGs in .run/overlays):\n")
-    print("  .venv/bin/camserve predict examples/*.png --out .run/overlays\n")
-    print("Stop it with: make stop")
-    return 0
-
-
-def _stop(args: argparse.Namespace) -> int:
-    _server(args).stop()
+    out = build_bundle(args.model_dir, args.name or args.model_dir.name, args.out)
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        print(f"{path}  ({path.stat().st_size} bytes)")
+    print(f"\nCopy {out}/ to your storageUri (e.g. gs://bucket/camserve/) and apply")
+    print("config/kserve/inferenceservice.yaml with storageUri pointing there.")
     return 0
 
 
@@ -155,7 +121,7 @@ def _predict(args: argparse.Namespace) -> int:
     """Explain images on a running server: a table on stdout, overlays in --out."""
     from tqdm import tqdm
 
-    from camserve.client import Client, ClientError, find_token, format_table, predict_files
+    from camserve.tools.client import Client, ClientError, find_token, format_table, predict_files
 
     paths = [Path(p) for p in args.images]
 
@@ -215,12 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("archive", type=Path, nargs="?", help="the .mar to calibrate")
     calibrate.add_argument("images", type=Path, nargs="?", help="a folder of images")
     calibrate.add_argument("--model-dir", type=Path, help="calibrate a model folder in place")
-    calibrate.add_argument(
-        "--shapes-train",
-        type=int,
-        metavar="COUNT",
-        help="with --model-dir: the first COUNT images of the shapes training set",
-    )
     calibrate.add_argument("--name", help="new model name (default <name>_calibrated)")
     calibrate.add_argument("--export-path", type=Path, help="default: the archive's folder")
     calibrate.add_argument("--batch-size", type=int, default=32)
@@ -229,18 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--max-pixels", type=int, default=40_000_000)
     calibrate.set_defaults(run=_calibrate)
 
-    for name, run, text in (
-        ("serve", _serve, "start TorchServe in the background"),
-        ("stop", _stop, "stop the background TorchServe"),
-    ):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-        sub.add_argument("--config", type=Path, default=Path("config/config.properties"))
-        sub.add_argument("--model-store", type=Path, default=Path("model_store"))
-        sub.add_argument("--models", default="shapes=shapes.mar")
-        sub.set_defaults(run=run)
+    bundle = commands.add_parser(
+        "kserve-bundle",
+        help="the storage layout of KServe's TorchServe runtime: config/ + model-store/*.mar",
+    )
+    bundle.add_argument("--model-dir", type=Path, required=True, help="a model folder")
+    bundle.add_argument("--name", help="model name (default: the folder's name)")
+    bundle.add_argument("--out", type=Path, default=Path("kserve-bundle"))
+    bundle.set_defaults(run=_kserve_bundle)
 
-    from camserve.client import DEFAULT_KEY_FILE, DEFAULT_URL, TOKEN_ENV
+    from camserve.tools.client import DEFAULT_KEY_FILE, DEFAULT_URL, TOKEN_ENV
 
     predict = commands.add_parser(
         "predict",

@@ -3,7 +3,7 @@
 ``camserve calibrate`` streams images through the model in batches and keeps, for each
 channel k of the target layer, the mean and std of A^k over every image and position.
 With them the handler's reference becomes ``calibration_mean`` (mu_k = the dataset mean,
-DESIGN section 2) and the worst-case ball uses the dataset std. The file is a plain dict
+docs/score.md#references) and the worst-case ball uses the dataset std. The file is a plain dict
 of tensors, loaded with ``weights_only=True`` by ``camserve.explainer.load_calibration``.
 """
 
@@ -24,11 +24,11 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from camserve.archive import MODEL_CONFIG, build_archive
 from camserve.decode import decode_image
 from camserve.errors import InputError
 from camserve.explainer import Explainer
 from camserve.preprocess import Preprocessing
+from camserve.tools.archive import MODEL_CONFIG, build_archive
 from camserve.zero_reference import ChannelStatistics
 
 log = logging.getLogger(__name__)
@@ -277,10 +277,3 @@ def calibrate_archive(
         )
         version = manifest["model"].get("modelVersion", "1.0")
         return build_archive(unpacked, name, export_path, version), statistics
-
-
-def shapes_training_images(count: int) -> Iterator[Image.Image]:
-    """The first ``count`` images of the ``shapes`` training set (regenerated, not stored)."""
-    from camserve.shapes.dataset import TRAIN_SEED, render_sample
-
-    return (render_sample(TRAIN_SEED, index).image for index in range(count))

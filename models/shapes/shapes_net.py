@@ -1,10 +1,11 @@
-"""The ``shapes`` classifier: four conv blocks, global average pooling, one Linear."""
+"""The ``shapes`` classifier: four conv blocks, global average pooling, one Linear.
+
+The archive ships this file as its model file (``model_file`` in model-config.yaml).
+"""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
-
-TARGET_LAYER = "features"
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:

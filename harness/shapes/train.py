@@ -1,6 +1,6 @@
 """Train the ``shapes`` classifier (``make train``); writes a state_dict and a training record.
 
-python -m camserve.shapes.train --seed 0 --out models/shapes
+python -m harness.shapes.train --seed 0 --out models/shapes
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from camserve.shapes.dataset import CLASSES, TRAIN_SEED, generate, to_uint8_tensors
-from camserve.shapes.net import ShapesNet
+from harness.shapes import shapes_net
+from harness.shapes.dataset import CLASSES, TRAIN_SEED, generate, to_uint8_tensors
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
@@ -27,10 +27,10 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255 - mean) / std
 
 
-def train(seed: int, count: int, epochs: int, batch_size: int, log=print) -> ShapesNet:
+def train(seed: int, count: int, epochs: int, batch_size: int, log=print) -> nn.Module:
     torch.manual_seed(seed)
     images, labels, _ = to_uint8_tensors(generate(TRAIN_SEED, count))
-    model = ShapesNet(num_classes=len(CLASSES))
+    model = shapes_net(len(CLASSES))
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = epochs * ((count + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         json.dumps({str(i): name for i, name in enumerate(CLASSES)}, indent=2) + "\n"
     )
     record = {
-        "command": "python -m camserve.shapes."
+        "command": "python -m harness.shapes."
         + Path(__file__).stem
         + " "
         + " ".join(sys.argv[1:] if argv is None else argv),

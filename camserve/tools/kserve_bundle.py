@@ -4,7 +4,7 @@
     <out>/config/metrics.yaml        (config/metrics.yaml: camserve's metrics)
     <out>/model-store/<name>.mar     (the archive, rebuilt with batchSize 1)
 
-    python -m camserve.kserve --model-dir models/shapes --name shapes --out .run/kserve-bundle
+    camserve kserve-bundle --model-dir models/shapes --name shapes --out .run/kserve-bundle
 
 batchSize is forced to 1 in the archive itself because TorchServe takes the archive's
 model-config.yaml over config.properties, and the kservev2 envelope answers only the first
@@ -13,19 +13,20 @@ request of a batch: a larger batch would silently drop requests.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from camserve.archive import MODEL_CONFIG, REPO_DIR, build_archive
+from camserve.tools.archive import MODEL_CONFIG, build_archive
 
-KSERVE_CONFIG = REPO_DIR / "config" / "kserve" / "config.properties"
-METRICS_CONFIG = REPO_DIR / "config" / "metrics.yaml"
+# config/ is installed as camserve.config (pyproject's package-dir).
+CONFIG_DIR = Path(str(resources.files("camserve.config")))
+KSERVE_CONFIG = CONFIG_DIR / "kserve" / "config.properties"
+METRICS_CONFIG = CONFIG_DIR / "metrics.yaml"
 SNAPSHOT_KEY = "model_snapshot="
 
 
@@ -63,21 +64,3 @@ def build_bundle(
     (out / "config" / "config.properties").write_text(kserve_properties(name, config))
     shutil.copy2(METRICS_CONFIG, out / "config" / "metrics.yaml")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=Path("models/shapes"))
-    parser.add_argument("--name", default="shapes")
-    parser.add_argument("--out", type=Path, default=Path(".run/kserve-bundle"))
-    args = parser.parse_args(argv)
-    out = build_bundle(args.model_dir, args.name, args.out)
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        print(f"{path}  ({path.stat().st_size} bytes)")
-    print(f"\nCopy {out}/ to your storageUri (e.g. gs://bucket/camserve/) and apply")
-    print("config/kserve/inferenceservice.yaml with storageUri pointing there.")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

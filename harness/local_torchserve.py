@@ -1,5 +1,8 @@
 """Start, probe and stop a local TorchServe: used by ``make serve``, the tests and the benchmarks.
 
+    python -m harness.local_torchserve serve   # make serve: in the background, prints a request
+    python -m harness.local_torchserve stop    # make stop
+
 Each server gets its own working directory, which holds its ``TMPDIR`` (TorchServe keeps
 its PID file there, so one server runs per TMPDIR), its logs and its ``key_file.json``.
 """
@@ -14,10 +17,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import requests
 
 READY_TIMEOUT_S = 180
 
@@ -190,15 +193,17 @@ class LocalTorchServe:
                     f"TorchServe exited with {self.process.returncode}; {self.log_tail()}"
                 )
             try:
-                request = urllib.request.Request(
-                    f"{self.management_url}/models/{model}", headers=self.auth("management")
+                response = requests.get(
+                    f"{self.management_url}/models/{model}",
+                    headers=self.auth("management"),
+                    timeout=5,
                 )
-                with urllib.request.urlopen(request, timeout=5) as response:
-                    workers = json.loads(response.read())[0].get("workers", [])
-                    if any(w.get("status") == "READY" for w in workers):
-                        return
-                    last = f"workers {workers}"
-            except (OSError, urllib.error.URLError, KeyError, ValueError) as err:
+                response.raise_for_status()
+                workers = response.json()[0].get("workers", [])
+                if any(w.get("status") == "READY" for w in workers):
+                    return
+                last = f"workers {workers}"
+            except (OSError, requests.RequestException, KeyError, ValueError) as err:
                 last = repr(err)
             time.sleep(0.5)
         raise TimeoutError(f"model {model} not ready after {timeout}s ({last}); {self.log_tail()}")
@@ -227,3 +232,55 @@ class LocalTorchServe:
             subprocess.run(
                 [torchserve_executable(), "--stop"], cwd=self.workdir, env=self.env, check=False
             )
+
+
+DEFAULT_WORKDIR = Path(".run/serve")
+
+
+def _serve(server: LocalTorchServe, model: str) -> int:
+    server.start(wait_for=model)
+    key_file = server.workdir / "key_file.json"
+    print(f"TorchServe is up: inference {server.inference_url}, metrics {server.metrics_url}")
+    print(f"Tokens are in {key_file}. Post an image with:\n")
+    print(
+        f"  curl -s -H \"Authorization: Bearer $(python3 -c 'import json; print(json.load("
+        f'open("{key_file}"))["inference"]["key"])\')" '
+        # Without a Content-Type, curl says x-www-form-urlencoded and TorchServe answers 500.
+        '-H "Content-Type: image/png" '
+        f"--data-binary @examples/star.png {server.inference_url}/predictions/{model}\n"
+    )
+    print("Or with the client (a table, and overlay PNGs in .run/overlays):\n")
+    print("  .venv/bin/camserve predict examples/*.png --out .run/overlays\n")
+    print("Stop it with: make stop")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("serve", "stop"))
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--config", type=Path, default=Path("config/config.properties"))
+    parser.add_argument("--model-store", type=Path, default=Path("model_store"))
+    parser.add_argument("--models", default="shapes=shapes.mar")
+    args = parser.parse_args(argv)
+    server = LocalTorchServe(
+        workdir=args.workdir,
+        base_config=args.config,
+        model_store=args.model_store,
+        models=args.models,
+        foreground=False,
+    )
+    try:
+        if args.command == "serve":
+            return _serve(server, args.models.split("=")[0])
+        server.stop()
+        return 0
+    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as err:
+        print(f"{args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,7 @@ Each entry shows the input, the Grad-CAM map and the map under the reference shi
 the zero-reference score. Writes a PNG contact sheet (``docs/gallery.png``), a three-entry
 strip for the README (``docs/overview.png``) and a self-contained HTML page::
 
-    python -m camserve.gallery --count 24 --png docs/gallery.png --html .run/gallery/index.html
+    python -m harness.gallery --count 24 --png docs/gallery.png --html .run/gallery/index.html
 
 It runs the core in-process (no server): the same ``Explainer`` the handler uses.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from camserve.encode_png import encode_png, network_view, overlay_image
 from camserve.explainer import ExplainedImage, Explainer
-from camserve.render import encode_png, network_view, overlay_image
-from camserve.shapes.dataset import HELD_OUT_SEED, render_sample
+from harness.shapes.dataset import HELD_OUT_SEED, render_sample
 
 PANEL = 128  # display size of each picture (the network sees 64x64)
 GAP = 6

@@ -2,7 +2,7 @@
 (the upsampled map's peak inside the object's extent; also reported against the painted
 pixels only), share of map mass inside the extent, and the zero-reference score distribution.
 
-    python -m camserve.shapes.evaluate --model-dir models/shapes
+    python -m harness.shapes.evaluate --model-dir models/shapes
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from camserve.explainer import Explainer
-from camserve.shapes.dataset import HELD_OUT_SEED, generate
+from harness.shapes.dataset import HELD_OUT_SEED, generate
 
 
 def evaluate(explainer: Explainer, count: int, batch_size: int = 64) -> dict:

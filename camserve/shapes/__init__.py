@@ -1,1 +1,0 @@
-"""The embedded default model: a small CNN trained on generated shapes with known masks."""
