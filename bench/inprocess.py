@@ -56,7 +56,11 @@ def prepared_batch(
     options = options or RequestOptions()
     return [
         PreparedImage(
-            tensor=x[i], target=None, topk=explainer.config.topk, options=options, image=None
+            tensor=x[i],
+            image=None,
+            options=options,
+            requested_class=None,
+            topk=explainer.config.topk,
         )
         for i in range(batch)
     ]
@@ -130,13 +134,7 @@ def encode_share(explainer: Explainer, image_bytes: bytes, repeats: int = 30) ->
             start = time.perf_counter()
             [result] = explainer.explain([explainer.prepare(request)])
             middle = time.perf_counter()
-            body = explanation_json(
-                result,
-                explainer.labels,
-                explainer.config.target_layer,
-                "m",
-                explainer.config.preprocessing,
-            )
+            body = explanation_json(result)
             json.dumps(body, separators=(",", ":"))
             end = time.perf_counter()
             totals.append(end - start)

@@ -33,13 +33,7 @@ def build_model(
 
 
 def _custom_model(model_file: Path, class_name: str, num_classes: int) -> nn.Module:
-    module_name = f"camserve_user_model_{model_file.stem}"
-    spec = importlib.util.spec_from_file_location(module_name, model_file)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"cannot import a model from {model_file}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
+    module = _import_model_file(model_file)
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"{model_file} defines no nn.Module subclass named {class_name!r}")
@@ -47,6 +41,21 @@ def _custom_model(model_file: Path, class_name: str, num_classes: int) -> nn.Mod
         return cls(num_classes=num_classes)
     except TypeError:
         return cls()
+
+
+def _import_model_file(model_file: Path):
+    """Import a model file once per process: every model built from it shares one class."""
+    module_name = f"camserve_user_model_{model_file.stem}"
+    loaded = sys.modules.get(module_name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "")) == model_file.resolve():
+        return loaded
+    spec = importlib.util.spec_from_file_location(module_name, model_file.resolve())
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot import a model from {model_file}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:

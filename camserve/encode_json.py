@@ -1,4 +1,10 @@
-"""(logits, map, score) -> the JSON response, whose contract is ``schema/response.schema.json``."""
+"""result -> the JSON response, whose contract is ``schema/response.schema.json``.
+
+Numbers whose scale depends on the model (probabilities, offsets, radii, centroid shifts) keep
+``SIGNIFICANT_DIGITS`` significant digits, not a fixed count of decimals: a network whose signed
+map is ~1e-9 still reports a non-zero offset. Map cells are normalised to [0, 1] first, so a
+fixed ``MAP_DECIMALS`` suffices there.
+"""
 
 from __future__ import annotations
 
@@ -9,78 +15,83 @@ from pathlib import Path
 import torch
 
 from camserve.encode_png import images_json
-from camserve.explainer import ExplainedImage
-from camserve.preprocess import Preprocessing
+from camserve.explainer import ClassExplanation, Explanation
+from camserve.maps import peak_normalised
 
 SCHEMA_PATH = Path(__file__).with_name("schema") / "response.schema.json"
 MAP_DECIMALS = 4
+SIGNIFICANT_DIGITS = 6
 
 
 def load_schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text())
 
 
-def explanation_json(
-    explained: ExplainedImage,
-    labels: list[str],
-    target_layer: str,
-    model_name: str,
-    preprocessing: Preprocessing | None = None,
-) -> dict:
-    """The response body; ``preprocessing`` lets the ``images`` block undo the normalisation."""
-    probabilities = explained.probabilities
-    top = torch.topk(probabilities, explained.topk)
-    target = explained.target
+def explanation_json(explanation: Explanation) -> dict:
+    """The response body for one image."""
+    model = explanation.model
+    probabilities = explanation.probabilities.tolist()
+    explained = explanation.explained
     body = {
-        "model": model_name,
+        "model": model.name,
         "predictions": [
-            {"index": int(i), "label": labels[int(i)], "probability": round(float(p), 6)}
-            for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            {"index": index, "label": model.labels[index], "probability": significant(p)}
+            for index, p in explanation.top()
         ],
         "explained": {
-            "index": target,
-            "label": labels[target],
-            "probability": round(float(probabilities[target]), 6),
-            "requested": explained.requested,
+            **_class_json(explained, model.labels, probabilities, with_maps=False),
+            "requested": explanation.requested,
         },
-        "target_layer": target_layer,
-        "input_size": list(explained.prepared.tensor.shape[-2:]),
-        "grad_cam": _map_json(explained.grad_cam),
-        "zero_reference": _rounded(asdict(explained.zero_reference)),
+        "target_layer": model.target_layer,
+        "input_size": list(explanation.image.tensor.shape[-2:]),
+        "grad_cam": _map_json(explained),
+        "zero_reference": _significant_block(asdict(explained.zero_reference)),
     }
-    if explained.more:
+    if explanation.more:
         body["more_explanations"] = [
-            {
-                "index": other.target,
-                "label": labels[other.target],
-                "probability": round(float(probabilities[other.target]), 6),
-                "grad_cam": _map_json(other.grad_cam),
-                "zero_reference": _rounded(asdict(other.zero_reference)),
-            }
-            for other in explained.more
+            _class_json(other, model.labels, probabilities) for other in explanation.more
         ]
-    if explained.prepared.options.images:
-        body["images"] = images_json(explained, preprocessing)
+    if explanation.image.options.images:
+        body["images"] = images_json(explanation)
     return body
 
 
-def _map_json(grad_cam: torch.Tensor) -> dict:
-    peak = float(grad_cam.max())
-    normalised = grad_cam / peak if peak > 0 else grad_cam
-    return {"shape": list(grad_cam.shape), "empty": peak <= 0, "map": _rounded_rows(normalised)}
+def _class_json(
+    explained: ClassExplanation, labels: list[str], probabilities: list[float], with_maps=True
+) -> dict:
+    body = {
+        "index": explained.index,
+        "label": labels[explained.index],
+        "probability": significant(probabilities[explained.index]),
+    }
+    if with_maps:
+        body["grad_cam"] = _map_json(explained)
+        body["zero_reference"] = _significant_block(asdict(explained.zero_reference))
+    return body
 
 
-def _rounded_rows(grid: torch.Tensor) -> list[list[float]]:
+def _map_json(explained: ClassExplanation) -> dict:
+    grad_cam = explained.grad_cam
     # Rounding in torch, then tolist(): far cheaper than formatting floats one by one.
-    return torch.round(grid.double(), decimals=MAP_DECIMALS).tolist()
+    cells = torch.round(peak_normalised(grad_cam).double(), decimals=MAP_DECIMALS).tolist()
+    return {
+        "shape": list(grad_cam.shape),
+        "empty": explained.zero_reference.map_empty,
+        "map": cells,
+    }
 
 
-def _rounded(block: dict) -> dict:
+def significant(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:
+    """``value`` rounded to ``digits`` significant digits (0.0 stays 0.0)."""
+    return float(f"{value:.{digits}g}")
+
+
+def _significant_block(block: dict) -> dict:
     return {
         key: (
-            _rounded(value)
+            _significant_block(value)
             if isinstance(value, dict)
-            else round(value, 6)
+            else significant(value)
             if isinstance(value, float)
             else value
         )

@@ -1,4 +1,4 @@
-"""Grad-CAM map -> PNG pictures: an 8-bit grayscale heatmap and a colormap overlay.
+"""result -> PNG pictures: an 8-bit grayscale heatmap and a colormap overlay.
 
 Both are drawn at the network's input size, for the map and for the map under the
 reference shift, so a reader sees what the zero-reference score measured. Rendering is
@@ -19,11 +19,11 @@ from matplotlib import colormaps
 from PIL import Image
 from torch import Tensor
 
-from camserve.explainer import ExplainedImage
-from camserve.preprocess import Preprocessing
+from camserve.explainer import Explanation
+from camserve.maps import peak_normalised
 
 DEFAULT_COLORMAP = "inferno"
-OVERLAY_ALPHA = 0.55
+OVERLAY_OPACITY = 0.55  # of the colour map over the image
 # Fast zlib level: these pictures are small, and the request should not wait on compression.
 PNG_COMPRESS_LEVEL = 3
 PNG_MEDIA_TYPE = "image/png"
@@ -36,9 +36,7 @@ def upsample(grad_cam: Tensor, size: tuple[int, int]) -> Tensor:
     """
     grid = grad_cam.detach().to(torch.float32)[None, None]
     big = F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
-    big = big.clamp_min(0)
-    peak = float(big.max())
-    return big / peak if peak > 0 else big
+    return peak_normalised(big)
 
 
 def _to_uint8(unit: Tensor) -> np.ndarray:
@@ -67,13 +65,13 @@ def overlay_image(
     grad_cam: Tensor,
     background: Image.Image,
     colormap: str = DEFAULT_COLORMAP,
-    alpha: float = OVERLAY_ALPHA,
+    opacity: float = OVERLAY_OPACITY,
 ) -> Image.Image:
     """The map in a perceptual colormap blended over ``background`` (resized to its size)."""
     width, height = background.size
     levels = _to_uint8(upsample(grad_cam, (height, width)))
     colours = Image.fromarray(_lookup_table(colormap)[levels], "RGB")
-    return Image.blend(background.convert("RGB"), colours, alpha)
+    return Image.blend(background.convert("RGB"), colours, opacity)
 
 
 def network_view(tensor: Tensor, mean, std) -> Image.Image:
@@ -85,23 +83,19 @@ def network_view(tensor: Tensor, mean, std) -> Image.Image:
     return Image.fromarray(_to_uint8(pixels).transpose(1, 2, 0), "RGB")
 
 
-def background_of(explained: ExplainedImage, preprocessing: Preprocessing | None) -> Image.Image:
-    """What the overlay is drawn on: the network's view of the image when the normalisation is
-    known, else the decoded image squeezed to the input size."""
-    if preprocessing is not None:
-        return network_view(explained.prepared.tensor, preprocessing.mean, preprocessing.std)
-    height, width = explained.prepared.tensor.shape[-2:]
-    return explained.prepared.image.convert("RGB").resize((width, height), Image.BILINEAR)
+def background_of(explanation: Explanation) -> Image.Image:
+    """What the overlay is drawn on: the network's view of the image (after resize and crop)."""
+    preprocessing = explanation.model.preprocessing
+    return network_view(explanation.image.tensor, preprocessing.mean, preprocessing.std)
 
 
 def render_images(
-    explained: ExplainedImage,
-    preprocessing: Preprocessing | None = None,
-    colormap: str = DEFAULT_COLORMAP,
+    explanation: Explanation, colormap: str = DEFAULT_COLORMAP
 ) -> dict[str, Image.Image]:
     """The four pictures of the response's ``images`` block, as PIL images."""
-    background = background_of(explained, preprocessing)
+    background = background_of(explanation)
     size = (background.height, background.width)
+    explained = explanation.explained
     return {
         "heatmap_png": heatmap_image(explained.grad_cam, size),
         "overlay_png": overlay_image(explained.grad_cam, background, colormap),
@@ -110,24 +104,18 @@ def render_images(
     }
 
 
-def images_json(
-    explained: ExplainedImage, preprocessing: Preprocessing | None = None
-) -> dict[str, str]:
+def images_json(explanation: Explanation) -> dict[str, str]:
     """The ``images`` block: each picture as a base64 PNG."""
     return {
         key: base64.b64encode(encode_png(image)).decode("ascii")
-        for key, image in render_images(explained, preprocessing).items()
+        for key, image in render_images(explanation).items()
     }
 
 
-def overlay_png(
-    explained: ExplainedImage,
-    preprocessing: Preprocessing | None = None,
-    colormap: str = DEFAULT_COLORMAP,
-) -> bytes:
+def overlay_png(explanation: Explanation, colormap: str = DEFAULT_COLORMAP) -> bytes:
     """Just the overlay of the (unshifted) map: the body of an ``Accept: image/png`` answer."""
-    background = background_of(explained, preprocessing)
-    return encode_png(overlay_image(explained.grad_cam, background, colormap))
+    background = background_of(explanation)
+    return encode_png(overlay_image(explanation.explained.grad_cam, background, colormap))
 
 
 def accepts_png(accept: str | None) -> bool:

@@ -16,9 +16,6 @@ class InputError(Exception):
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
 
-    def to_json(self) -> dict:
-        return {"code": self.code, "message": self.message, "status": self.status}
-
 
 # Error codes and their HTTP statuses, documented in the README and the schema.
 EMPTY_BODY = ("empty_body", 400)

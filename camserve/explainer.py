@@ -1,9 +1,12 @@
-"""The pipeline in one object: bytes -> tensor -> (logits, map, score) -> JSON-ready result.
+"""The pipeline in one object: bytes -> tensor -> (logits, map, score) -> one result object.
 
 Usable from a notebook as well as from the TorchServe handler::
 
     explainer = Explainer.from_directory("models/shapes")
     [result] = explainer.explain([explainer.prepare(ParsedRequest(png_bytes, RequestOptions()))])
+    result.explained.signed_map      # M, before the ReLU
+    result.explained.zero_reference  # the score block
+    camserve.encode_json.explanation_json(result)   # the response body
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import yaml
 from PIL import Image
 from torch import Tensor, nn
 
+from camserve import maps
 from camserve.architectures import build_model, load_weights
 from camserve.compensation import CompensationReport, probe_compensable
 from camserve.decode import DEFAULT_MAX_PIXELS, decode_image
-from camserve.gradcam import GradCam
+from camserve.gradcam import ClassMaps, GradCam, GradCamBatch
 from camserve.labels import load_labels, resolve_target
 from camserve.layers import auto_target_layer
 from camserve.preprocess import Preprocessing
@@ -31,6 +35,7 @@ from camserve.zero_reference import (
     ChannelStatistics,
     ScoreSettings,
     ZeroReference,
+    ZeroReferenceBatch,
     zero_reference,
 )
 
@@ -107,37 +112,60 @@ class ExplainerConfig:
 
 
 @dataclass(frozen=True)
+class ServedModel:
+    """What a result says about the model that produced it (the encoders need no more)."""
+
+    name: str
+    labels: list[str]
+    target_layer: str
+    preprocessing: Preprocessing
+
+
+@dataclass(frozen=True)
 class PreparedImage:
-    tensor: Tensor
-    target: int | None
-    topk: int
+    """One decoded, preprocessed request, ready for a batch."""
+
+    tensor: Tensor  # (3, H, W), the network's input
+    image: Image.Image  # the decoded RGB image
     options: RequestOptions
-    image: Image.Image
+    requested_class: int | None  # ``options.target`` resolved to a class index; None: top-1
+    topk: int
 
 
 @dataclass(frozen=True)
 class ClassExplanation:
-    """Grad-CAM and its zero-reference score for one class of one image."""
+    """Grad-CAM of one class of one image, kept as the signed map M, with its score."""
 
-    target: int
-    grad_cam: Tensor  # (h, w), ReLU'd, not normalised
-    shifted_grad_cam: Tensor  # ReLU(M + c)
+    index: int
+    signed_map: Tensor  # M = sum_k alpha_k A^k, (h, w), before the ReLU
     zero_reference: ZeroReference
+
+    @property
+    def grad_cam(self) -> Tensor:
+        """ReLU(M)."""
+        return maps.grad_cam(self.signed_map)
+
+    @property
+    def shifted_grad_cam(self) -> Tensor:
+        """ReLU(M + c): the map with the layer's zero moved to the reference."""
+        return maps.grad_cam(self.signed_map, self.zero_reference.offset)
 
 
 @dataclass(frozen=True)
-class ExplainedImage:
-    """One image's answer before encoding."""
+class Explanation:
+    """One image's whole answer, on the CPU: what both encoders (JSON and PNG) take."""
 
+    model: ServedModel
+    image: PreparedImage
     probabilities: Tensor  # (C,)
-    target: int
-    requested: bool
-    grad_cam: Tensor  # (h, w), ReLU'd, not normalised
-    shifted_grad_cam: Tensor  # ReLU(M + c)
-    zero_reference: ZeroReference
-    topk: int
-    prepared: PreparedImage
-    more: tuple[ClassExplanation, ...] = ()  # the next classes, when ``maps`` > 1
+    explained: ClassExplanation
+    requested: bool  # the explained class was asked for (``target``), not the top-1
+    more: tuple[ClassExplanation, ...] = ()  # the next most probable classes (``maps`` > 1)
+
+    def top(self) -> list[tuple[int, float]]:
+        """The top-k (class index, probability) pairs, most probable first."""
+        values, indices = torch.topk(self.probabilities, self.image.topk)
+        return list(zip(indices.tolist(), values.tolist(), strict=True))
 
 
 def load_model(directory: str | Path, config: ExplainerConfig, num_classes: int) -> nn.Module:
@@ -166,6 +194,11 @@ def load_calibration(path: str | Path, layer: str | None = None) -> ChannelStati
 
 
 class Explainer:
+    """The pipeline for one model: prepare requests, then explain them in batches.
+
+    ``device`` is where the model, Grad-CAM and the score run; results come back on the CPU.
+    """
+
     def __init__(
         self,
         model: nn.Module,
@@ -173,24 +206,30 @@ class Explainer:
         config: ExplainerConfig,
         calibration: ChannelStatistics | None = None,
         compensation: CompensationReport | None = None,
+        name: str = "model",
+        device: str | torch.device = "cpu",
     ) -> None:
-        if config.target_layer is None:
-            layer = auto_target_layer(model, config.preprocessing.input_size)
-            log.info("no target_layer configured: picked %r (last spatial feature map)", layer)
-            config = replace(config, target_layer=layer)
+        config = _with_target_layer(model, config)
         self.config = config
-        self.labels = labels
-        self.gradcam = GradCam(model, config.target_layer)
-        self.calibration = calibration
+        self.device = torch.device(device)
+        self.served = ServedModel(name, labels, config.target_layer, config.preprocessing)
         if compensation is None:
             compensation = probe_compensable(
                 model, config.target_layer, config.preprocessing.input_size
             )
         self.compensation = compensation
         log.info(compensation.log_line(config.target_layer))
+        self.gradcam = GradCam(model.to(self.device), config.target_layer)
+        self.calibration = calibration
 
     @classmethod
-    def from_directory(cls, directory: str | Path, section: dict | None = None) -> Explainer:
+    def from_directory(
+        cls,
+        directory: str | Path,
+        section: dict | None = None,
+        name: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Explainer:
         """Load from an unpacked archive (or ``models/<name>``) holding ``model-config.yaml``."""
         directory = Path(directory)
         if section is None:
@@ -198,86 +237,93 @@ class Explainer:
         config = ExplainerConfig.from_handler_section(section)
         labels = load_labels(directory / config.labels)
         model = load_model(directory, config, len(labels))
+        # The layer first, so calibration statistics are checked against the real one.
+        config = _with_target_layer(model, config)
         calibration = (
             load_calibration(directory / config.calibration, config.target_layer)
             if config.calibration
             else None
         )
-        return cls(model, labels, config, calibration)
+        return cls(model, labels, config, calibration, name=name or directory.name, device=device)
 
     @property
     def model(self) -> nn.Module:
         return self.gradcam.model
 
+    @property
+    def labels(self) -> list[str]:
+        return self.served.labels
+
     def prepare(self, request: ParsedRequest) -> PreparedImage:
         """Decode and validate one request; raises ``InputError`` for a bad item."""
-        target = resolve_target(request.options.target, self.labels)
+        requested = resolve_target(request.options.target, self.labels)
         image = decode_image(
             request.image, self.config.max_pixels, self.config.preprocessing.min_source_side
         )
-        return self.prepare_image(image, request.options, target)
+        return self.prepare_image(image, request.options, requested)
 
     def prepare_image(
         self,
         image: Image.Image,
         options: RequestOptions | None = None,
-        target: int | None = None,
+        requested_class: int | None = None,
     ) -> PreparedImage:
         """Prepare an already decoded RGB image (notebooks, evaluation, calibration)."""
         options = options or RequestOptions()
         return PreparedImage(
             tensor=self.config.preprocessing(image),
-            target=target,
-            topk=min(options.topk or self.config.topk, len(self.labels)),
-            options=options,
             image=image,
+            options=options,
+            requested_class=requested_class,
+            topk=min(options.topk or self.config.topk, len(self.labels)),
         )
 
     def explain(
         self,
         batch: list[PreparedImage],
         on_stage: Callable[[str, float], None] | None = None,
-    ) -> list[ExplainedImage]:
+    ) -> list[Explanation]:
         """Explain a batch; ``on_stage(name, seconds)`` hears how long each stage took."""
         if not batch:
             return []
         started = time.perf_counter()
-        x = torch.stack([item.tensor for item in batch])
+        x = torch.stack([item.tensor for item in batch]).to(self.device)
         extra = max(item.options.maps for item in batch) - 1
-        result = self.gradcam(x, [item.target for item in batch], extra_classes=extra)
+        result = self.gradcam(x, [item.requested_class for item in batch], extra_classes=extra)
         scored = time.perf_counter()
-        scores = self._score(result.signed_map, result.alpha, result)
-        more = [(maps, self._score(maps.signed_map, maps.alpha, result)) for maps in result.extra]
+        class_maps = (result.explained, *result.extra)
+        scores = [self._score(maps, result) for maps in class_maps]
+        # The batch's one trip to the CPU; everything per image below is plain indexing.
+        probabilities = result.logits.softmax(dim=1).cpu()
+        classes = [maps.classes.tolist() for maps in class_maps]
+        signed = [maps.signed_map.cpu() for maps in class_maps]
+        blocks = [score.cpu().items() for score in scores]
         if on_stage is not None:
             # Stage names are the ones camserve.telemetry.STAGES declares.
             on_stage("forward_gradcam", scored - started)
             on_stage("score", time.perf_counter() - scored)
-        probabilities = result.probabilities
         explained = []
         for i, item in enumerate(batch):
-            main = _class_explanation(int(result.targets[i]), result.signed_map[i], scores[i])
+            per_class = [
+                ClassExplanation(classes[k][i], signed[k][i], blocks[k][i])
+                for k in range(min(item.options.maps, len(class_maps)))
+            ]
             explained.append(
-                ExplainedImage(
+                Explanation(
+                    model=self.served,
+                    image=item,
                     probabilities=probabilities[i],
-                    target=main.target,
-                    requested=item.target is not None,
-                    grad_cam=main.grad_cam,
-                    shifted_grad_cam=main.shifted_grad_cam,
-                    zero_reference=main.zero_reference,
-                    topk=item.topk,
-                    prepared=item,
-                    more=tuple(
-                        _class_explanation(int(maps.targets[i]), maps.signed_map[i], score[i])
-                        for maps, score in more[: item.options.maps - 1]
-                    ),
+                    explained=per_class[0],
+                    requested=item.requested_class is not None,
+                    more=tuple(per_class[1:]),
                 )
             )
         return explained
 
-    def _score(self, signed_map: Tensor, alpha: Tensor, result) -> list[ZeroReference]:
+    def _score(self, maps: ClassMaps, result: GradCamBatch) -> ZeroReferenceBatch:
         return zero_reference(
-            signed_map,
-            alpha,
+            maps.signed_map,
+            maps.alpha,
             result.channel_mean,
             result.channel_std,
             self.config.preprocessing.input_size,
@@ -287,10 +333,9 @@ class Explainer:
         )
 
 
-def _class_explanation(target: int, signed_map: Tensor, score: ZeroReference) -> ClassExplanation:
-    return ClassExplanation(
-        target=target,
-        grad_cam=signed_map.clamp_min(0),
-        shifted_grad_cam=(signed_map + score.offset).clamp_min(0),
-        zero_reference=score,
-    )
+def _with_target_layer(model: nn.Module, config: ExplainerConfig) -> ExplainerConfig:
+    if config.target_layer is not None:
+        return config
+    layer = auto_target_layer(model, config.preprocessing.input_size)
+    log.info("no target_layer configured: picked %r (last spatial feature map)", layer)
+    return replace(config, target_layer=layer)

@@ -30,7 +30,7 @@ class CamServeHandler(BaseHandler):
         model_dir = context.system_properties.get("model_dir")
         section = (context.model_yaml_config or {}).get("handler")
         self.model_name = context.manifest["model"]["modelName"]
-        self.explainer = Explainer.from_directory(model_dir, section)
+        self.explainer = Explainer.from_directory(model_dir, section, name=self.model_name)
         self.model = self.explainer.model
         self.telemetry = Telemetry(
             context.metrics,
@@ -71,17 +71,11 @@ class CamServeHandler(BaseHandler):
         for index, result in self._explain_isolated(prepared, context, responses):
             with self.telemetry.timed("encode"):
                 if _wants_png(context, index, data[index]):
-                    responses[index] = self._png(context, index, result)
+                    context.set_response_content_type(index, PNG_MEDIA_TYPE)
+                    responses[index] = overlay_png(result)
                 else:
-                    body = explanation_json(
-                        result,
-                        self.explainer.labels,
-                        self.explainer.config.target_layer,
-                        self.model_name,
-                        self.explainer.config.preprocessing,
-                    )
-                    responses[index] = self._json(context, index, body)
-            self.telemetry.explained(result.zero_reference, result.target)
+                    responses[index] = self._json(context, index, explanation_json(result))
+            self.telemetry.explained(result.explained.zero_reference, result.explained.index)
         log.info("camserve batch: %d items, %d rejected", len(data), len(data) - len(prepared))
         return responses
 
@@ -115,10 +109,6 @@ class CamServeHandler(BaseHandler):
         self.telemetry.error(code)
         context.set_response_status(status, code, idx=index)
         return self._json(context, index, error_json(code, message, status))
-
-    def _png(self, context, index: int, result) -> bytes:
-        context.set_response_content_type(index, PNG_MEDIA_TYPE)
-        return overlay_png(result, self.explainer.config.preprocessing)
 
     @staticmethod
     def _json(context, index: int, body: dict) -> str:

@@ -23,10 +23,10 @@ def score_figure(explainer: Explainer, index: int, out: Path) -> None:
 
     sample = render_sample(HELD_OUT_SEED, index)
     [result] = explainer.explain([explainer.prepare_image(sample.image)])
-    gradcam = explainer.gradcam(result.prepared.tensor[None])
-    signed = gradcam.signed_map[0].double()
-    offset = result.zero_reference.offset
-    radius = result.zero_reference.worst_case.radius
+    explained = result.explained
+    signed = explained.signed_map.double()
+    offset = explained.zero_reference.offset
+    radius = explained.zero_reference.worst_case.radius
     span = max(3 * radius, 1.5 * abs(offset), float(signed.abs().max()) * 0.6)
     offsets = torch.linspace(-span, span, 601, dtype=torch.float64)
     shifted = signed[None] + offsets[:, None, None]
@@ -34,14 +34,14 @@ def score_figure(explainer: Explainer, index: int, out: Path) -> None:
 
     fig, axes = plt.subplots(1, 5, figsize=(17, 3.6), width_ratios=[1, 1, 1, 1, 1.6])
     axes[0].imshow(sample.image)
-    axes[0].set_title(f"input ({explainer.labels[result.target]})")
+    axes[0].set_title(f"input ({explainer.labels[explained.index]})")
     limit = float(signed.abs().max())
     image = axes[1].imshow(signed.numpy(), cmap="coolwarm", vmin=-limit, vmax=limit)
     axes[1].set_title("signed map M = Σ α_k A^k")
     fig.colorbar(image, ax=axes[1], fraction=0.046)
-    axes[2].imshow(signed.clamp_min(0).numpy(), cmap="inferno")
+    axes[2].imshow(explained.grad_cam.numpy(), cmap="inferno")
     axes[2].set_title("Grad-CAM = ReLU(M)")
-    axes[3].imshow((signed + offset).clamp_min(0).numpy(), cmap="inferno")
+    axes[3].imshow(explained.shifted_grad_cam.numpy(), cmap="inferno")
     axes[3].set_title(f"ReLU(M + c), c = {offset:+.3f}")
     for axis in axes[:4]:
         axis.set_xticks([])
@@ -51,7 +51,7 @@ def score_figure(explainer: Explainer, index: int, out: Path) -> None:
     plot.axvspan(
         -radius, radius, color="tab:orange", alpha=0.2, label=f"gauge ball |c| ≤ r = {radius:.3f}"
     )
-    score = result.zero_reference
+    score = explained.zero_reference
     plot.axvline(
         offset, color="tab:blue", linestyle="--", label=f"{score.reference}: {score.score:.3f}"
     )

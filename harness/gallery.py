@@ -1,8 +1,12 @@
 """``make gallery``: explanations on generated ``shapes`` images, most stable first.
 
 Each entry shows the input, the Grad-CAM map and the map under the reference shift, with
-the zero-reference score. Writes a PNG contact sheet (``docs/gallery.png``), a three-entry
-strip for the README (``docs/overview.png``) and a self-contained HTML page::
+the zero-reference score. Entries come in three kinds, so the pictures show what the score
+catches, not only the stable case: the top-1 class with the shipped calibration reference,
+a requested class the model does not predict, and the top-1 class with the ``image_mean``
+reference (as an archive without calibration would answer). Writes a PNG contact sheet
+(``docs/gallery.png``), a three-entry strip for the README (``docs/overview.png``) and a
+self-contained HTML page::
 
     python -m harness.gallery --count 24 --png docs/gallery.png --html .run/gallery/index.html
 
@@ -18,10 +22,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
-from camserve.encode_png import encode_png, network_view, overlay_image
-from camserve.explainer import ExplainedImage, Explainer
+from camserve.encode_png import DEFAULT_COLORMAP, encode_png, network_view, overlay_image
+from camserve.explainer import Explainer, Explanation
 from harness.shapes.dataset import HELD_OUT_SEED, render_sample
 
 PANEL = 128  # display size of each picture (the network sees 64x64)
@@ -32,16 +38,21 @@ BATCH = 16
 PANELS = ("input", "Grad-CAM", "after the reference shift")
 
 
+TOP1, REQUESTED, IMAGE_MEAN = "top-1", "asked", "image_mean"
+KINDS = (TOP1, REQUESTED, IMAGE_MEAN)
+
+
 @dataclass(frozen=True)
 class Entry:
     index: int
     true_label: str
-    explained: ExplainedImage
+    kind: str  # one of KINDS
+    explanation: Explanation
     panels: tuple[Image.Image, Image.Image, Image.Image]
 
     @property
     def score(self) -> float:
-        return self.explained.zero_reference.score
+        return self.explanation.explained.zero_reference.score
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -52,32 +63,59 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def explain_samples(explainer: Explainer, count: int, seed: int = HELD_OUT_SEED) -> list[Entry]:
-    """Explain ``count`` generated images (held-out split), sorted by score, most stable first."""
-    pre = explainer.config.preprocessing
+    """Explain ``count`` generated images (held-out split), sorted by score, most stable first.
+
+    Image ``i`` is explained as kind ``KINDS[i % 3]``: its top-1 class, a class it is not (the
+    next one after its true class), or its top-1 class against the ``image_mean`` reference.
+    """
+    uncalibrated = Explainer(
+        explainer.model, explainer.labels, explainer.config, None, explainer.compensation,
+        name=explainer.served.name,
+    )  # fmt: skip
     entries = []
     for start in range(0, count, BATCH):
         samples = [render_sample(seed, i) for i in range(start, min(count, start + BATCH))]
-        prepared = [explainer.prepare_image(s.image) for s in samples]
-        for offset, (sample, result) in enumerate(
-            zip(samples, explainer.explain(prepared), strict=True)
-        ):
-            view = network_view(result.prepared.tensor, pre.mean, pre.std)
-            view = view.resize((PANEL, PANEL), Image.NEAREST)
-            panels = (
-                view,
-                overlay_image(result.grad_cam, view),
-                overlay_image(result.shifted_grad_cam, view),
-            )
-            entries.append(Entry(start + offset, explainer.labels[sample.label], result, panels))
+        for kind in KINDS:
+            chosen = [
+                (start + n, s) for n, s in enumerate(samples) if KINDS[(start + n) % 3] == kind
+            ]
+            if not chosen:
+                continue
+            runner = uncalibrated if kind == IMAGE_MEAN else explainer
+            prepared = [
+                runner.prepare_image(
+                    s.image,
+                    requested_class=(s.label + 1) % len(explainer.labels)
+                    if kind == REQUESTED
+                    else None,
+                )
+                for _, s in chosen
+            ]
+            for (index, sample), result in zip(chosen, runner.explain(prepared), strict=True):
+                true_label = explainer.labels[sample.label]
+                entries.append(Entry(index, true_label, kind, result, _panels(result)))
     # Stable sort: equal scores keep the generator's order, so the sheet is reproducible.
     return sorted(entries, key=lambda e: e.score)
 
 
+def _panels(result: Explanation) -> tuple[Image.Image, Image.Image, Image.Image]:
+    pre = result.model.preprocessing
+    view = network_view(result.image.tensor, pre.mean, pre.std).resize(
+        (PANEL, PANEL), Image.NEAREST
+    )
+    return (
+        view,
+        overlay_image(result.explained.grad_cam, view),
+        overlay_image(result.explained.shifted_grad_cam, view),
+    )
+
+
 def _caption(entry: Entry, labels: list[str]) -> tuple[str, str]:
-    zr = entry.explained.zero_reference
-    predicted = labels[entry.explained.target]
-    probability = float(entry.explained.probabilities[entry.explained.target])
-    first = f"#{entry.index} {entry.true_label} -> {predicted} ({probability:.2f})"
+    zr = entry.explanation.explained.zero_reference
+    predicted = labels[entry.explanation.explained.index]
+    probability = float(entry.explanation.probabilities[entry.explanation.explained.index])
+    how = f"asked {predicted}" if entry.kind == REQUESTED else entry.kind
+    first = f"#{entry.index} {entry.true_label} -> {predicted} ({probability:.2f}) [{how}]"
     verdict = "stable" if zr.stable else "UNSTABLE"
     second = f"score {zr.score:.3f} {verdict}  c={zr.offset:+.3g}"
     return first, second
@@ -92,7 +130,7 @@ def _tile(entry: Entry, labels: list[str]) -> Image.Image:
     font = _font(13)
     first, second = _caption(entry, labels)
     draw.text((2, PANEL + 2), first, fill="black", font=font)
-    colour = (20, 110, 40) if entry.explained.zero_reference.stable else (180, 30, 30)
+    colour = (20, 110, 40) if entry.explanation.explained.zero_reference.stable else (180, 30, 30)
     draw.text((2, PANEL + 17), second, fill=colour, font=font)
     return tile
 
@@ -108,7 +146,7 @@ def contact_sheet(
     tile_w, tile_h = tiles[0].size
     columns = min(columns, len(tiles))
     rows = -(-len(tiles) // columns)
-    header = 40
+    header = 66
     sheet = Image.new(
         "RGB",
         (columns * tile_w + (columns + 1) * 3 * GAP, header + rows * (tile_h + 3 * GAP)),
@@ -127,12 +165,27 @@ def contact_sheet(
         fill=(70, 70, 70),
         font=_font(13),
     )
+    scale_width = min(256, sheet.width - 6 * GAP - 190)
+    sheet.paste(_colour_scale(scale_width, 12), (3 * GAP + 24, 44))
+    draw.text((3 * GAP, 43), "0", fill="black", font=_font(12))
+    draw.text(
+        (3 * GAP + 30 + scale_width, 43),
+        "1  overlay colour = map / its maximum",
+        fill="black",
+        font=_font(12),
+    )
     for n, tile in enumerate(tiles):
         row, column = divmod(n, columns)
         sheet.paste(
             tile, (3 * GAP + column * (tile_w + 3 * GAP), header + row * (tile_h + 3 * GAP))
         )
     return sheet
+
+
+def _colour_scale(width: int, height: int) -> Image.Image:
+    """The overlay's colormap from 0 (left) to 1 (right)."""
+    row = colormaps[DEFAULT_COLORMAP](np.linspace(0.0, 1.0, width), bytes=True)[:, :3]
+    return Image.fromarray(np.repeat(row[None], height, axis=0), "RGB")
 
 
 def overview(entries: list[Entry], labels: list[str]) -> Image.Image:
@@ -156,7 +209,7 @@ def html_page(entries: list[Entry], labels: list[str]) -> str:
     """A self-contained page (images inline), one table row per entry, most stable first."""
     rows = []
     for rank, entry in enumerate(entries, 1):
-        zr = entry.explained.zero_reference
+        zr = entry.explanation.explained.zero_reference
         first, _ = _caption(entry, labels)
         cells = "".join(
             f'<td><img src="{_data_uri(p)}" width="{PANEL}" height="{PANEL}" '
@@ -216,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--html", type=Path, default=Path(".run/gallery/index.html"))
     args = parser.parse_args(argv)
     entries = build(args.model_dir, args.count, args.png, args.html, args.overview)
-    stable = sum(e.explained.zero_reference.stable for e in entries)
+    stable = sum(e.explanation.explained.zero_reference.stable for e in entries)
     print(f"{len(entries)} explanations, {stable} stable; scores {entries[0].score:.3f} .. "
           f"{entries[-1].score:.3f}")  # fmt: skip
     print(f"wrote {args.png}, {args.overview} and {args.html}")

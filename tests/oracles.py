@@ -30,15 +30,15 @@ def oracle(
     gradcam = GradCam(model, layer_name)
     result = gradcam(x)
     [reported] = zero_reference(
-        result.signed_map,
-        result.alpha,
+        result.explained.signed_map,
+        result.explained.alpha,
         result.channel_mean,
         result.channel_std,
         tuple(x.shape[-2:]),
         ScoreSettings(),
         True,
         calibration,
-    )
+    ).items()
     mu = result.channel_mean[0] if calibration is None else calibration.mean.float()
     delta = -mu
     absorbing = find_absorbing_layer(model, layer_name, x)
@@ -55,10 +55,10 @@ def oracle(
                 handle.remove()
             assert relative_change(original, shifted(inputs), effect) <= RELATIVE_TOLERANCE
 
-    target = result.targets.tolist()
+    target = result.explained.classes.tolist()
     layer = shifted.get_submodule(layer_name)
     real_shifted_signed = LayerGradCam(shifted, layer).attribute(x, target=target)[:, 0]
-    expected = (result.signed_map + reported.offset).clamp_min(0)
+    expected = (result.explained.signed_map + reported.offset).clamp_min(0)
     # 1e-5 in absolute terms for maps up to 1; float32 rounding grows with larger maps
     # (random ResNet-101 maps reach ~40), so beyond that 1e-5 of the map's maximum.
     atol = 1e-5 * max(1.0, float(expected.abs().max()))

@@ -90,13 +90,17 @@ def test_map_equals_captum(models, arch):
     x = inputs(2, seed=1)
     result = GradCam(model, layer)(x)
     captum = LayerGradCam(model, model.get_submodule(layer))
-    expected = captum.attribute(x, target=result.targets.tolist(), relu_attributions=True)[:, 0]
-    assert result.grad_cam.shape == expected.shape == (2, 2, 2)
-    torch.testing.assert_close(result.grad_cam, expected, atol=1e-5, rtol=0)
+    expected = captum.attribute(
+        x, target=result.explained.classes.tolist(), relu_attributions=True
+    )[:, 0]
+    assert result.explained.grad_cam.shape == expected.shape == (2, 2, 2)
+    torch.testing.assert_close(result.explained.grad_cam, expected, atol=1e-5, rtol=0)
     # Random MobileNetV2/DenseNet maps are tiny: compare at their own scale as well.
     scale = expected.abs().max().clamp_min(1e-30)
-    torch.testing.assert_close(result.grad_cam / scale, expected / scale, atol=1e-5, rtol=0)
-    assert result.signed_map.abs().sum() > 0
+    torch.testing.assert_close(
+        result.explained.grad_cam / scale, expected / scale, atol=1e-5, rtol=0
+    )
+    assert result.explained.signed_map.abs().sum() > 0
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -190,7 +194,10 @@ def test_model_dir_with_imagenet_labels_and_auto_layer(tmp_path, resnet18_weight
     assert explainer.config.target_layer == "layer4"
     image = torchvision.transforms.v2.functional.to_pil_image(torch.rand(3, 80, 100))
     [result] = explainer.explain([explainer.prepare_image(image)])
-    assert result.grad_cam.shape == (2, 2) and result.zero_reference.reference == "image_mean"
+    assert (
+        result.explained.grad_cam.shape == (2, 2)
+        and result.explained.zero_reference.reference == "image_mean"
+    )
 
 
 def test_custom_module_from_a_model_file(tmp_path):

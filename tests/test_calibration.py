@@ -103,12 +103,12 @@ def test_calibrated_model_dir_uses_calibration_mean(uncalibrated_shapes):
     explainer = Explainer.from_directory(uncalibrated_shapes)
     prepared = explainer.prepare_image(held_out(20).image)
     [result] = explainer.explain([prepared])
-    score = result.zero_reference
+    score = result.explained.zero_reference
     assert score.reference == "calibration_mean"
     raw = explainer.gradcam(prepared.tensor[None])
-    expected = -(raw.alpha[0].double() * stats.mean).sum()
+    expected = -(raw.explained.alpha[0].double() * stats.mean).sum()
     assert score.offset == pytest.approx(float(expected), rel=1e-6, abs=1e-9)
-    radius = 0.1 * (raw.alpha[0].double().abs() * stats.std).sum()
+    radius = 0.1 * (raw.explained.alpha[0].double().abs() * stats.std).sum()
     assert score.worst_case.radius == pytest.approx(float(radius), rel=1e-6, abs=1e-9)
     # The calibrated shift is a true reparameterisation of the served network.
     reported = oracle(explainer.model, "features", prepared.tensor[None], loaded)
@@ -205,5 +205,7 @@ def test_archive_and_calibrate_then_serve(tmp_path, capsys):
     score = body["zero_reference"]
     assert score["reference"] == "calibration_mean"
     assert body["target_layer"] == "layer4" and score["compensable"] is True
-    assert score["offset"] == pytest.approx(expected.zero_reference.offset, rel=1e-4, abs=1e-6)
+    assert score["offset"] == pytest.approx(
+        expected.explained.zero_reference.offset, rel=1e-4, abs=1e-6
+    )
     assert body["predictions"][0]["label"] in local.labels

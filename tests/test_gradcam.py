@@ -36,10 +36,10 @@ def test_map_equals_captum_layergradcam(model_and_layer):
     model, layer, size = model_and_layer
     x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(1))
     result = GradCam(model, layer)(x)
-    expected = captum_map(model, layer, x, result.targets.tolist())
-    assert result.grad_cam.shape == expected.shape
-    torch.testing.assert_close(result.grad_cam, expected, atol=1e-5, rtol=0)
-    assert result.grad_cam.abs().sum() > 0
+    expected = captum_map(model, layer, x, result.explained.classes.tolist())
+    assert result.explained.grad_cam.shape == expected.shape
+    torch.testing.assert_close(result.explained.grad_cam, expected, atol=1e-5, rtol=0)
+    assert result.explained.grad_cam.abs().sum() > 0
 
 
 def test_logits_come_from_the_explaining_forward(model_and_layer):
@@ -50,7 +50,7 @@ def test_logits_come_from_the_explaining_forward(model_and_layer):
     with torch.inference_mode():
         plain = model(x)
     torch.testing.assert_close(result.logits, plain, atol=1e-5, rtol=1e-5)
-    assert torch.equal(result.targets, plain.argmax(1))
+    assert torch.equal(result.explained.classes, plain.argmax(1))
 
 
 def test_requested_target_is_explained(shapes_explainer):
@@ -59,9 +59,9 @@ def test_requested_target_is_explained(shapes_explainer):
     top1 = model(x).argmax(1)
     other = [(int(t) + 1) % 6 for t in top1]
     result = GradCam(model, "features")(x, [other[0], None])
-    assert result.targets.tolist() == [other[0], int(top1[1])]
+    assert result.explained.classes.tolist() == [other[0], int(top1[1])]
     expected = captum_map(model, "features", x[:1], [other[0]])
-    torch.testing.assert_close(result.grad_cam[:1], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.explained.grad_cam[:1], expected, atol=1e-5, rtol=0)
 
 
 def test_alpha_reconstructs_the_signed_map(resnet18):
@@ -73,8 +73,8 @@ def test_alpha_reconstructs_the_signed_map(resnet18):
     finally:
         handle.remove()
     activations = captured[0]
-    rebuilt = (result.alpha[:, :, None, None] * activations).sum(1)
-    torch.testing.assert_close(result.signed_map, rebuilt, atol=1e-5, rtol=1e-4)
+    rebuilt = (result.explained.alpha[:, :, None, None] * activations).sum(1)
+    torch.testing.assert_close(result.explained.signed_map, rebuilt, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(result.channel_mean, activations.mean((2, 3)))
 
 
@@ -82,8 +82,8 @@ def test_parameters_are_frozen_and_no_graph_is_left(shapes_explainer):
     gradcam = shapes_explainer.gradcam
     assert not any(p.requires_grad for p in gradcam.model.parameters())
     result = gradcam(torch.randn(1, 3, 64, 64))
-    assert result.signed_map.grad_fn is None and result.logits.grad_fn is None
-    assert gradcam._pass == {}
+    assert result.explained.signed_map.grad_fn is None and result.logits.grad_fn is None
+    assert gradcam._pass is None
 
 
 def test_batch_invariance(shapes_explainer):
@@ -91,7 +91,9 @@ def test_batch_invariance(shapes_explainer):
     batched = shapes_explainer.gradcam(x)
     for i in range(5):
         alone = shapes_explainer.gradcam(x[i : i + 1])
-        torch.testing.assert_close(alone.grad_cam[0], batched.grad_cam[i], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            alone.explained.grad_cam[0], batched.explained.grad_cam[i], atol=1e-5, rtol=1e-4
+        )
         torch.testing.assert_close(alone.logits[0], batched.logits[i], atol=1e-5, rtol=1e-4)
 
 
@@ -102,10 +104,10 @@ def test_extra_class_maps_equal_captum_and_reuse_the_forward(model_and_layer):
     assert forwards == 1
     assert len(result.extra) == 2
     order = result.logits.argsort(dim=1, descending=True)
-    assert result.extra[0].targets[0] == order[0, 1] and result.extra[1].targets[0] == order[0, 2]
+    assert result.extra[0].classes[0] == order[0, 1] and result.extra[1].classes[0] == order[0, 2]
     for maps in result.extra:
-        assert not (maps.targets == result.targets).any()
+        assert not (maps.classes == result.explained.classes).any()
         expected = LayerGradCam(model, model.get_submodule(layer)).attribute(
-            x, target=maps.targets.tolist()
+            x, target=maps.classes.tolist()
         )[:, 0]
         torch.testing.assert_close(maps.signed_map, expected.detach(), atol=1e-5, rtol=0)

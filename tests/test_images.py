@@ -12,7 +12,7 @@ import requests
 import torch
 from PIL import Image
 
-from camserve import encode_png as render
+from camserve import encode_png
 from camserve.encode_json import explanation_json, load_schema
 from camserve.request import RequestOptions
 from tests.conftest import held_out, png_bytes
@@ -27,7 +27,7 @@ def decode(encoded: str) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def explained(shapes_explainer):
+def explanation(shapes_explainer):
     # A large, non-square upload: the pictures must still come out at the network's input size.
     image = held_out(3).image.resize((150, 97))
     prepared = shapes_explainer.prepare_image(image, RequestOptions(images=True))
@@ -35,14 +35,8 @@ def explained(shapes_explainer):
     return result
 
 
-def test_images_block_decodes_to_input_size(shapes_explainer, explained):
-    body = explanation_json(
-        explained,
-        shapes_explainer.labels,
-        shapes_explainer.config.target_layer,
-        "shapes",
-        shapes_explainer.config.preprocessing,
-    )
+def test_images_block_decodes_to_input_size(shapes_explainer, explanation):
+    body = explanation_json(explanation)
     VALIDATOR.validate(body)
     height, width = body["input_size"]
     modes = {}
@@ -61,17 +55,19 @@ def test_images_block_decodes_to_input_size(shapes_explainer, explained):
 def test_no_images_unless_asked(shapes_explainer):
     prepared = shapes_explainer.prepare_image(held_out(3).image)
     [result] = shapes_explainer.explain([prepared])
-    body = explanation_json(result, shapes_explainer.labels, "features", "shapes")
+    body = explanation_json(result)
     assert "images" not in body
 
 
-def test_heatmap_is_the_upsampled_map(explained):
-    heatmap = np.asarray(render.heatmap_image(explained.grad_cam, (64, 64)), dtype=np.float64)
+def test_heatmap_is_the_upsampled_map(explanation):
+    heatmap = np.asarray(
+        encode_png.heatmap_image(explanation.explained.grad_cam, (64, 64)), dtype=np.float64
+    )
     assert heatmap.max() == 255
     # Downsampling the heatmap back to the layer's grid recovers the map's pattern.
-    h, w = explained.grad_cam.shape
+    h, w = explanation.explained.grad_cam.shape
     pooled = heatmap.reshape(h, 64 // h, w, 64 // w).mean(axis=(1, 3))
-    grid = explained.grad_cam.numpy()
+    grid = explanation.explained.grad_cam.numpy()
     # Bilinear smoothing may move the brightest pixel to a neighbouring cell, never far.
     peak_cell = np.unravel_index(heatmap.argmax(), heatmap.shape)
     assert grid[peak_cell[0] // (64 // h), peak_cell[1] // (64 // w)] >= 0.5 * grid.max()
@@ -80,20 +76,24 @@ def test_heatmap_is_the_upsampled_map(explained):
 
 def test_empty_map_renders_black_and_overlay_blends():
     empty = torch.zeros(8, 8)
-    assert np.asarray(render.heatmap_image(empty, (64, 64))).max() == 0
+    assert np.asarray(encode_png.heatmap_image(empty, (64, 64))).max() == 0
     background = Image.new("RGB", (64, 64), (10, 200, 30))
-    # alpha 0 is the background itself; alpha 1 is the colormap alone (its lowest colour).
-    assert render.overlay_image(empty, background, alpha=0.0).tobytes() == background.tobytes()
-    low = tuple(render._lookup_table("inferno")[0])
-    assert render.overlay_image(empty, background, alpha=1.0).getpixel((5, 5)) == low
+    # opacity 0 is the background itself; opacity 1 is the colormap alone (its lowest colour).
+    assert (
+        encode_png.overlay_image(empty, background, opacity=0.0).tobytes() == background.tobytes()
+    )
+    low = tuple(encode_png._lookup_table("inferno")[0])
+    assert encode_png.overlay_image(empty, background, opacity=1.0).getpixel((5, 5)) == low
 
 
-def test_shifted_map_differs_when_the_score_is_positive(explained):
-    if explained.zero_reference.score == 0:
-        assert torch.allclose(explained.grad_cam, explained.shifted_grad_cam)
+def test_shifted_map_differs_when_the_score_is_positive(explanation):
+    if explanation.explained.zero_reference.score == 0:
+        assert torch.allclose(
+            explanation.explained.grad_cam, explanation.explained.shifted_grad_cam
+        )
         return
-    a = np.asarray(render.heatmap_image(explained.grad_cam, (64, 64)))
-    b = np.asarray(render.heatmap_image(explained.shifted_grad_cam, (64, 64)))
+    a = np.asarray(encode_png.heatmap_image(explanation.explained.grad_cam, (64, 64)))
+    b = np.asarray(encode_png.heatmap_image(explanation.explained.shifted_grad_cam, (64, 64)))
     assert not np.array_equal(a, b)
 
 
@@ -111,7 +111,7 @@ def test_shifted_map_differs_when_the_score_is_positive(explained):
     ],
 )
 def test_accept_negotiation(accept, png):
-    assert render.accepts_png(accept) is png
+    assert encode_png.accepts_png(accept) is png
 
 
 # --- over HTTP, on a real TorchServe -------------------------------------------------------

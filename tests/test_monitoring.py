@@ -154,7 +154,7 @@ def test_recorder_emits_what_torchserve_accepts(shapes_explainer, caplog):
     [result] = shapes_explainer.explain([prepared])
     with caplog.at_level(logging.INFO):
         recorder.loaded(True)
-        recorder.explained(result.zero_reference)
+        recorder.explained(result.explained.zero_reference)
         recorder.error("unknown_target")
         recorder.error("no_such_code")
         recorder.stage("decode", 0.004)
@@ -181,11 +181,13 @@ def test_recorder_emits_what_torchserve_accepts(shapes_explainer, caplog):
         (telemetry.ERRORS, "bad_option") in emitted
     )
     assert emitted[(telemetry.EXPLANATIONS, None)] == 1
-    assert emitted[(telemetry.UNSTABLE, None)] == (0 if result.zero_reference.stable else 1)
-    assert emitted[(telemetry.EMPTY_MAPS, None)] == int(result.zero_reference.map_empty)
-    band = telemetry.score_band(result.zero_reference.score)
+    assert emitted[(telemetry.UNSTABLE, None)] == (
+        0 if result.explained.zero_reference.stable else 1
+    )
+    assert emitted[(telemetry.EMPTY_MAPS, None)] == int(result.explained.zero_reference.map_empty)
+    band = telemetry.score_band(result.explained.zero_reference.score)
     assert emitted[(telemetry.SCORE_BANDS_METRIC, band)] == 1
-    assert math.isclose(emitted[(telemetry.SCORE, None)], result.zero_reference.score)
+    assert math.isclose(emitted[(telemetry.SCORE, None)], result.explained.zero_reference.score)
     assert emitted[(telemetry.STAGE_SECONDS, "decode")] == pytest.approx(0.004)
     assert len({key for key in emitted if key[0] == telemetry.SCORE_BANDS_METRIC}) == 10
 
@@ -212,7 +214,7 @@ def test_class_metrics_only_for_few_classes(shapes_explainer, caplog, classes):
     [result] = shapes_explainer.explain([shapes_explainer.prepare_image(held_out(1).image)])
     with caplog.at_level(logging.INFO):
         recorder.loaded(True)
-        recorder.explained(result.zero_reference, 3)
+        recorder.explained(result.explained.zero_reference, 3)
     emitted = recorded(caplog)
     class_series = {key for key in emitted if key[0] == telemetry.CLASS_EXPLANATIONS}
     if classes > telemetry.MAX_CLASS_LABELS:
@@ -223,7 +225,7 @@ def test_class_metrics_only_for_few_classes(shapes_explainer, caplog, classes):
     assert len(class_series) == classes
     assert emitted[(telemetry.CLASS_EXPLANATIONS, "class_3__odd_name")] == 1
     unstable = emitted[(telemetry.CLASS_UNSTABLE, "class_3__odd_name")]
-    assert unstable == (0 if result.zero_reference.stable else 1)
+    assert unstable == (0 if result.explained.zero_reference.stable else 1)
     assert not [r for r in caplog.records if "Failed" in r.getMessage()]
 
 
@@ -406,7 +408,7 @@ def find_empty_map_targets(explainer, count: int) -> list[tuple[bytes, int]]:
             for target in range(len(explainer.labels))
         ]
         for target, result in enumerate(explainer.explain(batch)):
-            if result.zero_reference.map_empty:
+            if result.explained.zero_reference.map_empty:
                 found.append((png, target))
                 break
         if len(found) == count:
@@ -440,7 +442,7 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
         )[0]
         for body, target in [(p, None) for p in good] + empty
     ]
-    expected_results = [e.zero_reference for e in expected_explained]
+    expected_results = [e.explained.zero_reference for e in expected_explained]
     labels = [telemetry.class_label_value(label) for label in shapes_explainer.labels]
 
     wait_for_scrape_after(prometheus, time.time() + 1)
@@ -478,8 +480,10 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
         expected[(telemetry.CLASS_EXPLANATIONS, label)] = 0
         expected[(telemetry.CLASS_UNSTABLE, label)] = 0
     for item in expected_explained:
-        expected[(telemetry.CLASS_EXPLANATIONS, labels[item.target])] += 1
-        expected[(telemetry.CLASS_UNSTABLE, labels[item.target])] += not item.zero_reference.stable
+        expected[(telemetry.CLASS_EXPLANATIONS, labels[item.explained.index])] += 1
+        expected[
+            (telemetry.CLASS_UNSTABLE, labels[item.explained.index])
+        ] += not item.explained.zero_reference.stable
     assert expected[(telemetry.EMPTY_MAPS, None)] >= len(empty)
 
     def delta(after):

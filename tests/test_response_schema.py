@@ -17,7 +17,7 @@ def explain(explainer, options=None):
     options = options or RequestOptions()
     prepared = explainer.prepare(ParsedRequest(png_bytes(held_out(0).image), options))
     [result] = explainer.explain([prepared])
-    return explanation_json(result, explainer.labels, "features", "shapes")
+    return explanation_json(result)
 
 
 def test_schema_is_valid():

@@ -45,7 +45,7 @@ def test_empty_map_edge_cases_never_give_nan():
     alpha = torch.ones(1, 2, dtype=torch.float64)
     [result] = zero_reference(
         empty, alpha, torch.zeros(1, 2), torch.ones(1, 2), (32, 32), ScoreSettings(), True
-    )
+    ).items()
     assert result.map_empty and result.score == 0.0 and result.centroid_shift_px is None
     assert result.region_iou == 1.0
     values = [result.offset, result.score, result.worst_case.score, result.region_iou]
@@ -117,7 +117,9 @@ def test_stable_follows_the_threshold():
     alpha = torch.randn(4, 3, dtype=torch.float64)
     mean = torch.randn(4, 3, dtype=torch.float64)
     std = torch.rand(4, 3, dtype=torch.float64)
-    results = zero_reference(maps, alpha, mean, std, (64, 64), ScoreSettings(0.1, 0.3), False)
+    results = zero_reference(
+        maps, alpha, mean, std, (64, 64), ScoreSettings(0.1, 0.3), False
+    ).items()
     for result in results:
         assert result.stable == (result.score <= 0.3)
         assert 0.0 <= result.score <= 1.0 and 0.0 <= result.worst_case.score <= 1.0

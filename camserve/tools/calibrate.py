@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 from PIL import Image
+from ruamel.yaml import YAML
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -165,11 +165,8 @@ def save_statistics(
 
 
 def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def calibrate_model_dir(
@@ -210,27 +207,11 @@ def calibrate_model_dir(
 
 
 def _name_calibration_in_config(path: Path) -> None:
-    """Set ``handler.calibration``, editing the text so the file's comments survive."""
-    text = path.read_text()
-    config = yaml.safe_load(text)
-    handler = config.get("handler") or {}
-    if handler.get("calibration") == CALIBRATION_FILE:
-        return
-    if "calibration" in handler:
-        text = re.sub(r"(?m)^(\s+)calibration:.*$", rf"\1calibration: {CALIBRATION_FILE}", text)
-    else:
-        match = re.search(r"(?m)^handler:[ \t]*\n([ \t]+)", text)
-        if match is None:
-            handler["calibration"] = CALIBRATION_FILE
-            config["handler"] = handler
-            text = yaml.safe_dump(config, sort_keys=False)
-        else:
-            indent = match.group(1)
-            line = f"{indent}calibration: {CALIBRATION_FILE}\n"
-            text = text[: match.end(1) - len(indent)] + line + text[match.end(1) - len(indent) :]
-    if yaml.safe_load(text).get("handler", {}).get("calibration") != CALIBRATION_FILE:
-        raise RuntimeError(f"could not name {CALIBRATION_FILE} in {path}")
-    path.write_text(text)
+    """Set ``handler.calibration`` with a round-trip YAML edit, so the file's comments survive."""
+    editor = YAML()  # round-trip mode: comments, key order and flow style are kept
+    config = editor.load(path)
+    config.setdefault("handler", {})["calibration"] = CALIBRATION_FILE
+    editor.dump(config, path)
 
 
 def calibrate_archive(

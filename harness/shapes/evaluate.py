@@ -28,12 +28,12 @@ def evaluate(explainer: Explainer, count: int, batch_size: int = 64) -> dict:
     empty = 0
     for start in range(0, count, batch_size):
         samples = generate(HELD_OUT_SEED, min(batch_size, count - start), start=start)
-        prepared = [explainer.prepare_image(s.image, target=s.label) for s in samples]
+        prepared = [explainer.prepare_image(s.image, requested_class=s.label) for s in samples]
         results = explainer.explain(prepared)
         for sample, result in zip(samples, results, strict=True):
             correct += int(result.probabilities.argmax()) == sample.label
             upsampled = F.interpolate(
-                result.grad_cam[None, None].float(),
+                result.explained.grad_cam[None, None].float(),
                 size=sample.mask.shape,
                 mode="bilinear",
                 align_corners=False,
@@ -49,8 +49,8 @@ def evaluate(explainer: Explainer, count: int, batch_size: int = 64) -> dict:
                 pointing += bool(mask.flatten()[peak])
                 pointing_ink += bool(sample.ink.flatten()[peak])
                 inside_mass.append(float(upsampled[mask].sum()) / total)
-            scores.append(result.zero_reference.score)
-            worst.append(result.zero_reference.worst_case.score)
+            scores.append(result.explained.zero_reference.score)
+            worst.append(result.explained.zero_reference.worst_case.score)
     return {
         "held_out_seed": HELD_OUT_SEED,
         "count": count,
@@ -64,7 +64,7 @@ def evaluate(explainer: Explainer, count: int, batch_size: int = 64) -> dict:
         "score_p90": statistics.quantiles(scores, n=10)[-1],
         "worst_case_score_median": statistics.median(worst),
         "stable_fraction": sum(s <= explainer.config.score.threshold for s in scores) / count,
-        "reference": results[0].zero_reference.reference,
+        "reference": results[0].explained.zero_reference.reference,
         "epsilon": explainer.config.score.epsilon,
         "threshold": explainer.config.score.threshold,
         "compensable": explainer.compensation.compensable,
