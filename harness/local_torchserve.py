@@ -17,12 +17,26 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import requests
 
 READY_TIMEOUT_S = 180
+DEFAULT_WORKDIR = Path(".run/serve")
+TORCHSERVE_MAIN_CLASS = "org.pytorch.serve.ModelServer"
+# TorchServe's gRPC ports when a config does not name them.
+GRPC_DEFAULT_PORTS = {"grpc_inference_port": 7070, "grpc_management_port": 7071}
+
+
+class AlreadyRunning(RuntimeError):
+    """A TorchServe started from the same working directory is still running."""
+
+
+class PortInUse(RuntimeError):
+    """Another program listens on a port the server needs."""
 
 
 def free_port() -> int:
@@ -135,7 +149,69 @@ class LocalTorchServe:
             METRICS_LOCATION=str(self.workdir / "logs"),
         )
 
+    def running_pid(self) -> int | None:
+        """The pid of the TorchServe started from this working directory, if it still runs
+        (TorchServe's own PID file, read as its launcher reads it)."""
+        try:
+            pid = int((self.workdir / "tmp" / ".model_server.pid").read_text().split()[0])
+            if TORCHSERVE_MAIN_CLASS in psutil.Process(pid).cmdline():
+                return pid
+        except (OSError, ValueError, IndexError, psutil.Error):
+            pass
+        return None
+
+    def listen_addresses(self) -> dict[str, tuple[str, int]]:
+        """``{property: (host, port)}`` for every socket TorchServe will listen on."""
+        addresses = {}
+        for key in ("inference_address", "management_address", "metrics_address"):
+            if key in self.properties:
+                url = urllib.parse.urlsplit(self.properties[key])
+                port = url.port or (443 if url.scheme == "https" else 80)
+                addresses[key] = (url.hostname or "127.0.0.1", port)
+        for key, default in GRPC_DEFAULT_PORTS.items():
+            host_key = key.replace("_port", "_address")
+            host = self.properties.get(host_key, "127.0.0.1")
+            addresses[key] = (host, int(self.properties.get(key, default)))
+        return addresses
+
+    def ports_in_use(self) -> list[str]:
+        """The listen addresses another program holds, described for a message."""
+        busy = []
+        for key, (host, port) in self.listen_addresses().items():
+            with socket.socket() as sock:
+                # SO_REUSEADDR: a port left in TIME_WAIT by a stopped server is free; a
+                # listening socket still makes bind() fail.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    busy.append(f"{host}:{port} ({key})")
+        return busy
+
+    def stop_hint(self) -> str:
+        if self.workdir == DEFAULT_WORKDIR.resolve():
+            return "make stop"
+        return f"python -m harness.local_torchserve stop --workdir {self.workdir}"
+
+    def check_can_start(self) -> None:
+        """Refuse, with the reason and the way out, what TorchServe would only write to its
+        log: a server of this working directory already running, or a port already taken."""
+        pid = self.running_pid()
+        if pid is not None:
+            raise AlreadyRunning(
+                f"TorchServe is already running (pid {pid}, started from {self.workdir}); "
+                f"stop it with `{self.stop_hint()}`, then start it again"
+            )
+        busy = self.ports_in_use()
+        if busy:
+            raise PortInUse(
+                f"another program listens on {', '.join(busy)}: stop it (a TorchServe that "
+                f"`make serve` started stops with `make stop`) or change the address in "
+                f"{self.base_config}"
+            )
+
     def start(self, wait_for: str | None = "shapes", timeout: float = READY_TIMEOUT_S) -> None:
+        self.check_can_start()
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         write_properties(self.config_path, self.properties)
@@ -159,16 +235,21 @@ class LocalTorchServe:
                     start_new_session=True,
                 )
             else:
-                subprocess.run(
+                started = subprocess.run(
                     command,
                     cwd=self.workdir,
                     env=self.env,
                     stdout=output,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    check=True,
+                    check=False,
                     start_new_session=True,
                 )
+                if started.returncode != 0:
+                    raise RuntimeError(
+                        f"torchserve --start exited with {started.returncode}: "
+                        f"{self.console_tail(5)}"
+                    )
         if wait_for:
             self.wait_ready(wait_for, timeout)
 
@@ -208,6 +289,27 @@ class LocalTorchServe:
             time.sleep(0.5)
         raise TimeoutError(f"model {model} not ready after {timeout}s ({last}); {self.log_tail()}")
 
+    def wait_listening(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until the management API answers at all (for a server started with no model)."""
+        deadline = time.monotonic() + timeout
+        last = "not started"
+        while time.monotonic() < deadline:
+            try:
+                requests.get(
+                    f"{self.management_url}/models", headers=self.auth("management"), timeout=5
+                )
+                return
+            except (OSError, requests.RequestException, KeyError, ValueError) as err:
+                last = repr(err)  # OSError: the key file is not written yet
+            time.sleep(0.5)
+        raise TimeoutError(f"TorchServe not listening after {timeout}s ({last}); {self.log_tail()}")
+
+    def console_tail(self, lines: int) -> str:
+        """The last lines TorchServe's launcher printed, on one line."""
+        path = self.workdir / "logs" / "torchserve.out"
+        text = path.read_text(errors="replace").splitlines() if path.exists() else []
+        return " / ".join(line.strip() for line in text[-lines:] if line.strip()) or "no output"
+
     def log_tail(self, lines: int = 40) -> str:
         logs = self.workdir / "logs"
         chunks = []
@@ -232,9 +334,6 @@ class LocalTorchServe:
             subprocess.run(
                 [torchserve_executable(), "--stop"], cwd=self.workdir, env=self.env, check=False
             )
-
-
-DEFAULT_WORKDIR = Path(".run/serve")
 
 
 def _serve(server: LocalTorchServe, model: str) -> int:

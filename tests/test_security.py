@@ -1,14 +1,19 @@
-"""The production config holds: keys are required, the model API is off, model URLs cannot
-reach the network (SSRF), only inference can leave loopback, and weights never unpickle code.
+"""The shipped configs hold: keys are required, the model API is off, no registration URL
+reaches the network or writes a store (SSRF, FTP, file copies) in any of them, only inference
+can leave loopback, and weights never unpickle code.
 """
 
 from __future__ import annotations
 
-import http.server
+import hashlib
+import os
 import pathlib
 import re
 import shutil
+import socket
 import threading
+import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -18,9 +23,9 @@ import yaml
 
 from camserve.architectures import load_weights
 from camserve.explainer import Explainer
-from harness.local_torchserve import read_properties
+from harness.local_torchserve import LocalTorchServe, free_port, read_properties
 from harness.shapes import shapes_net
-from tests.conftest import SHAPES_DIR, held_out, png_bytes
+from tests.conftest import REPO, SHAPES_DIR, held_out, png_bytes
 from tests.live import PRODUCTION_CONFIG
 
 REFUSED = (400, 401, 403)  # TorchServe 0.12 answers a bad token with 400 InvalidKeyException
@@ -57,31 +62,234 @@ def test_management_needs_the_management_key(production_server):
     assert [m["modelName"] for m in listed.json()["models"]] == ["shapes"]
 
 
+# --- Registration: no URL reaches the network or writes a store, in any shipped config -------
+
+SHIPPED_CONFIGS = {
+    "local": REPO / "config" / "config.properties",
+    "production": PRODUCTION_CONFIG,
+    "kserve": REPO / "config" / "kserve" / "config.properties",
+}
+NO_URL = "(?!)"  # an empty negative lookahead: a pattern that matches nothing
+FTP_PORT = 21  # where Java fetches a file:// URL that names a host and no port
+
+
+def test_every_shipped_config_allows_no_registration_url():
+    """TorchServe 0.12 splits allowed_urls at commas and full-matches each pattern,
+    case-insensitively, against a URL; plain archive names never go through it."""
+    for name, path in SHIPPED_CONFIGS.items():
+        properties = read_properties(path)
+        assert properties["allowed_urls"] == NO_URL, name
+        assert properties["workflow_store"] == "/dev/null", name
+        assert properties["enable_model_api"] == "false", name
+    pattern = re.compile(NO_URL, re.IGNORECASE)
+    for url in ("", "shapes.mar", "file:///srv/model_store/shapes.mar", "http://127.0.0.1/x.mar"):
+        assert not pattern.fullmatch(url), url
+
+
+class Listener:
+    """Loopback TCP listeners that record every connection: an SSRF, or the FTP fetch Java
+    makes for a file:// URL with a host, shows up here whatever the protocol."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.connections: list[int] = []
+        self.running = True
+        self.sockets = []
+        for port in ports:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen(16)
+            sock.settimeout(0.2)
+            self.sockets.append(sock)
+        self.threads = [threading.Thread(target=self._accept, args=(s,)) for s in self.sockets]
+        for thread in self.threads:
+            thread.start()
+
+    def _accept(self, sock: socket.socket) -> None:
+        while self.running:
+            try:
+                connection, _ = sock.accept()
+            except OSError:  # the accept timeout: look at self.running again
+                continue
+            self.connections.append(sock.getsockname()[1])
+            connection.close()
+
+    def close(self) -> None:
+        self.running = False
+        for thread in self.threads:
+            thread.join(10)
+        for sock in self.sockets:
+            sock.close()
+
+
 @pytest.fixture
 def listener():
-    """A loopback HTTP server that records every request: an SSRF would show up here."""
-    hits: list[str] = []
+    """A listener on a free port and on the FTP port (root binds it; CI runs as root)."""
+    port = free_port()
+    try:
+        listening = Listener([port, FTP_PORT])
+    except PermissionError:
+        pytest.fail("binding 127.0.0.1:21 needs root (or CAP_NET_BIND_SERVICE)")
+    yield port, listening
+    listening.close()
 
-    class Record(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the stdlib's name
-            hits.append(self.path)
-            self.send_response(404)
-            self.end_headers()
 
-        def log_message(self, *args):
-            pass
+def registration_attempts(port: int, store: Path, outside: Path) -> list[str]:
+    """URLs that must not register anything, fetch anything or write anything.
 
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), Record)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", hits
-    httpd.shutdown()
-    thread.join(10)
+    ``outside`` holds a readable file, a real archive in a folder named model_store, and a
+    symlink named model_store to that folder."""
+    secret, evil = outside / "secret.txt", outside / "model_store" / "evil.mar"
+    linked = outside / "via" / "model_store" / "evil.mar"
+    back = "/".join([".."] * len(store.parts[1:]))
+    return [
+        # A host in a file:// URL: Java fetches it by FTP (port 21 unless one is named).
+        "file://127.0.0.1/model_store/x.mar",
+        f"file://127.0.0.1:{port}/model_store/x.mar",
+        f"FILE://127.0.0.1:{port}/model_store/x.mar",
+        f"File://localhost:{port}{store}/shapes.mar",
+        # A ? or # after a readable file: TorchServe copied the file, named by its path.
+        f"file://{secret}?/model_store/q.mar",
+        f"file://{secret}#/model_store/q.mar",
+        f"file://{evil}?/model_store/q.mar",
+        f"file://{secret}%3F/model_store/q.mar",
+        f"file://{secret}%23/model_store/q.mar",
+        # Outside the store: another folder named model_store, a symlink, .., one slash.
+        f"file://{evil}",
+        f"file://{linked}",
+        f"file://{store}/{back}{evil}",
+        f"file:{evil}",
+        f"jar:file://{evil}!/",
+        # The store itself by URL (TorchServe would copy it onto itself).
+        f"file://{store}/shapes.mar",
+        # The network.
+        f"http://127.0.0.1:{port}/model_store/x.mar",
+        f"https://127.0.0.1:{port}/model_store/x.mar",
+        f"HTTP://localhost:{port}/model_store/x.war",
+        f"ftp://127.0.0.1:{port}/model_store/x.mar",
+        # Plain paths and names: resolved in the (workflow) store, never outside it.
+        str(evil),
+        f"{back}{evil}",
+        "evil.mar",
+        "x.war",
+    ]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every entry under ``root``: a file's SHA-256, a symlink's target, a folder."""
+    digest = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        if path.is_symlink():
+            digest[name] = f"-> {os.readlink(path)}"
+        elif path.is_file():
+            digest[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            digest[name] = "dir"
+    return digest
+
+
+@pytest.fixture
+def outside(tmp_path, model_store) -> Path:
+    folder = tmp_path / "outside"
+    (folder / "model_store").mkdir(parents=True)
+    (folder / "secret.txt").write_text("not for the model store\n")
+    shutil.copy2(model_store / "shapes.mar", folder / "model_store" / "evil.mar")
+    (folder / "via").mkdir()
+    (folder / "via" / "model_store").symlink_to(folder / "model_store")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def kserve_as_shipped(tmp_path_factory, model_store):
+    """config/kserve/config.properties as it ships (tokens off, its model_snapshot), on free
+    loopback ports, with metrics.yaml from the repository instead of the bundle's path."""
+    ts = LocalTorchServe.on_free_ports(
+        tmp_path_factory.mktemp("kserve_lockdown"),
+        SHIPPED_CONFIGS["kserve"],
+        model_store,
+        models="",
+        overrides={"metrics_config": str(REPO / "config" / "metrics.yaml")},
+    )
+    ts.start(wait_for="shapes")
+    yield ts
+    ts.stop()
+
+
+def register(server, api: str, url: str, as_json: bool = False) -> requests.Response:
+    address = f"{server.management_url}/{api}"
+    key = server.auth("management")
+    if as_json:  # the workflow API also reads the request from a JSON body
+        return requests.post(address, json={"url": url}, headers=key, timeout=60)
+    return requests.post(address, params={"url": url}, headers=key, timeout=60)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("config", list(SHIPPED_CONFIGS))
+def test_registration_fetches_and_writes_nothing(request, config, listener, outside):
+    server = request.getfixturevalue({"local": "server", "production": "production_server",
+                                      "kserve": "kserve_as_shipped"}[config])  # fmt: skip
+    port, listening = listener
+    store_before, outside_before = tree_digest(server.model_store), tree_digest(outside)
+    statuses = {}
+    for url in registration_attempts(port, server.model_store, outside):
+        for api, as_json in (("workflows", False), ("workflows", True), ("models", False)):
+            response = register(server, api, url, as_json)
+            statuses[api, as_json, url] = response.status_code
+    time.sleep(1)  # a late connection would still be counted
+    assert listening.connections == []
+    assert tree_digest(server.model_store) == store_before
+    assert tree_digest(outside) == outside_before
+    assert Path("/dev/null").is_char_device()
+    management, key = server.management_url, server.auth("management")
+    assert requests.get(f"{management}/workflows", headers=key, timeout=10).json() == {
+        "workflows": []
+    }
+    models = requests.get(f"{management}/models", headers=key, timeout=10).json()["models"]
+    assert [m["modelName"] for m in models] == ["shapes"]
+    for (api, as_json, url), status in statuses.items():
+        assert status >= 400, (api, url, status)
+        if api == "models":  # the model API is off in every shipped config
+            assert status == 405, (url, status)
+
+
+@pytest.mark.integration
+def test_with_the_model_api_on_allowed_urls_still_refuses_every_url(
+    tmp_path_factory, model_store, listener, outside
+):
+    """The second wall: production.properties with the model API switched on (and no model
+    loaded at start) still registers no URL, while a plain store name still works."""
+    store = tmp_path_factory.mktemp("model_api_on_store")
+    shutil.copy2(model_store / "shapes.mar", store / "shapes.mar")
+    ts = LocalTorchServe.on_free_ports(
+        tmp_path_factory.mktemp("model_api_on"), PRODUCTION_CONFIG, store, models="",
+        overrides={"enable_model_api": "true", "load_models": ""},
+    )  # fmt: skip
+    port, listening = listener
+    ts.start(wait_for=None)
+    try:
+        ts.wait_listening()
+        before, outside_before = tree_digest(store), tree_digest(outside)
+        for url in registration_attempts(port, store, outside):
+            response = register(ts, "models", url)
+            assert 400 <= response.status_code < 500, (url, response.text)
+        time.sleep(1)
+        assert listening.connections == []
+        assert tree_digest(store) == before and tree_digest(outside) == outside_before
+        key = ts.auth("management")
+        response = requests.post(
+            f"{ts.management_url}/models",
+            params={"url": "shapes.mar", "initial_workers": "0"}, headers=key, timeout=60,
+        )  # fmt: skip
+        assert response.status_code == 200, response.text
+    finally:
+        ts.stop()
 
 
 @pytest.mark.integration
 def test_the_model_api_cannot_register_replace_or_delete(production_server, listener):
-    base, hits = listener
+    port, listening = listener
+    base = f"http://127.0.0.1:{port}"
     management = production_server.management_url
     key = production_server.auth("management")
     for url in ("shapes.mar", f"{base}/evil.mar", "file:///etc/passwd"):
@@ -95,37 +303,7 @@ def test_the_model_api_cannot_register_replace_or_delete(production_server, list
     )
     listed = requests.get(f"{management}/models", headers=key, timeout=10).json()["models"]
     assert [m["modelName"] for m in listed] == ["shapes"]
-    assert hits == []
-
-
-@pytest.mark.integration
-def test_workflow_urls_cannot_reach_the_network(production_server, listener):
-    """The workflow API stays on with the model API off; allowed_urls still stops SSRF."""
-    base, hits = listener
-    response = requests.post(
-        f"{production_server.management_url}/workflows",
-        params={"url": f"{base}/evil.war"},
-        headers=production_server.auth("management"),
-        timeout=30,
-    )
-    assert response.status_code == 404 and "does not match any allowed URL" in response.text
-    assert hits == []
-
-
-def test_allowed_urls_match_only_archives_in_a_model_store():
-    pattern = re.compile(PROPERTIES["allowed_urls"].replace("\\\\", "\\"))
-    assert pattern.match("file:///srv/camserve/model_store/shapes.mar")
-    for url in (
-        "http://127.0.0.1:8080/model_store/shapes.mar",
-        "https://example.com/model_store/shapes.mar",
-        "s3://bucket/model_store/shapes.mar",
-        "file:///etc/passwd",
-        "file:///srv/../tmp/model_store/shapes.mar",
-        "file:///srv/model_store/sub/shapes.mar",
-        "file:///srv/model_store/shapes.mar.sh",
-        "shapes.mar",
-    ):
-        assert not pattern.match(url), url
+    assert listening.connections == []
 
 
 @pytest.mark.integration
