@@ -247,7 +247,7 @@ def test_registration_fetches_and_writes_nothing(request, config, listener, outs
     }
     models = requests.get(f"{management}/models", headers=key, timeout=10).json()["models"]
     assert [m["modelName"] for m in models] == ["shapes"]
-    for (api, as_json, url), status in statuses.items():
+    for (api, _json, url), status in statuses.items():
         assert status >= 400, (api, url, status)
         if api == "models":  # the model API is off in every shipped config
             assert status == 405, (url, status)
