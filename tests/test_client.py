@@ -1,8 +1,12 @@
-"""The client and `camserve predict`: against a real TorchServe, plus its pure logic."""
+"""The client and `camserve predict`: against a real TorchServe, a loopback server standing in
+for the faults TorchServe gives only by chance (hangs, resets, 5xx), plus its pure logic."""
 
 from __future__ import annotations
 
+import http.server
 import json
+import socket
+import struct
 import threading
 from pathlib import Path
 
@@ -14,9 +18,11 @@ from camserve.tools.client import (
     TOKEN_ENV,
     Client,
     ClientError,
+    ImageError,
     Outcome,
     find_token,
     format_table,
+    max_request_size_from_config,
     overlay_paths,
     predict_files,
 )
@@ -118,6 +124,210 @@ def test_unreadable_file_is_one_rows_error(tmp_path, monkeypatch, capsys):
         monkeypatch, capsys, [missing, "--url", f"http://127.0.0.1:{free_port()}"], token="x"
     )
     assert code == 1 and "ERROR cannot read the file" in stdout
+
+
+# --- One file's failure is that file's row ---------------------------------------------------
+
+LIMIT = 10485760  # max_request_size of config/config.properties, which the `server` fixture uses
+
+
+def big_file(folder: Path, size: int = 14_000_000) -> Path:
+    """A JPEG-looking file over the server's max_request_size."""
+    path = folder / "big.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0" + bytes(size - 4))
+    return path
+
+
+def rows_by_file(stdout: str) -> dict[str, str]:
+    return {line.split()[0]: line for line in stdout.splitlines()[1:] if line.strip()}
+
+
+def assert_good_rows(rows: dict[str, str], paths: list[Path], labels: list[int]) -> None:
+    for path, label in zip(paths, labels, strict=True):
+        assert rows[str(path)].split()[1] == CLASSES[label], rows[str(path)]
+
+
+@pytest.mark.integration
+def test_a_file_over_the_limit_is_refused_before_sending_and_the_others_answer(
+    server, images, tmp_path, monkeypatch, capsys
+):
+    """The issue's run: `camserve predict a.png big.jpg b.png` with big.jpg over 10 MiB."""
+    paths, labels = images
+    big = big_file(tmp_path)
+    args = [paths[0], big, paths[1], "--url", server.inference_url]
+    args += ["--key-file", server.workdir / "key_file.json"]
+    code, stdout, stderr = run_cli(monkeypatch, capsys, args)
+    assert code == 1, stderr
+    rows = rows_by_file(stdout)
+    assert list(rows) == [str(paths[0]), str(big), str(paths[1])]
+    assert_good_rows(rows, [paths[0], paths[1]], labels[:2])
+    assert "ERROR not sent: the request would be" in rows[str(big)]
+    assert f"over the server's max_request_size of {LIMIT} bytes" in rows[str(big)]
+    assert "1 of 3 image(s) failed" in stderr
+
+
+@pytest.mark.integration
+def test_the_limit_comes_from_the_servers_config(server, images, tmp_path, monkeypatch, capsys):
+    paths, labels = images
+    config = tmp_path / "small.properties"
+    config.write_text("# a server with a smaller limit\nmax_request_size = 2000\n")
+    args = [paths[0], "--url", server.inference_url, "--server-config", config]
+    args += ["--key-file", server.workdir / "key_file.json"]
+    code, stdout, _ = run_cli(monkeypatch, capsys, args)
+    assert code == 1
+    assert "over the server's max_request_size of 2000 bytes" in stdout  # the PNG is ~2.5 KB
+
+
+@pytest.mark.integration
+def test_a_client_told_a_larger_limit_gets_the_servers_refusal_on_that_row(
+    server, images, tmp_path, monkeypatch, capsys
+):
+    """Sent anyway, the big file meets TorchServe's own limit: a 413, or a connection the
+    server closes during the upload. Either way it is that file's row."""
+    paths, labels = images
+    big = big_file(tmp_path)
+    args = [paths[0], big, paths[1], paths[2], "--url", server.inference_url]
+    args += ["--key-file", server.workdir / "key_file.json", "--max-request-size", 64 << 20]
+    code, stdout, stderr = run_cli(monkeypatch, capsys, args)
+    assert code == 1, stderr
+    rows = rows_by_file(stdout)
+    assert_good_rows(rows, [paths[0], paths[1], paths[2]], labels[:3])
+    refused = rows[str(big)]
+    assert ("ERROR HTTP 413" in refused and "--max-request-size" in refused) or (
+        "ERROR the connection broke while sending" in refused
+    ), refused
+
+
+class FaultyServer(http.server.ThreadingHTTPServer):
+    """A loopback HTTP server standing in for faults a real TorchServe gives only by chance:
+    the uploaded bytes choose the answer (a hang, a reset, a 5xx, or a good body)."""
+
+    daemon_threads = True
+
+
+class FaultyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    release = threading.Event()
+
+    def do_POST(self):  # noqa: N802 - the stdlib's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if b"HANG" in body:
+            self.release.wait(30)  # past the client's timeout
+            return
+        if b"RESET" in body:
+            # SO_LINGER 0: closing sends a RST, as a crashed peer would.
+            linger = struct.pack("ii", 1, 0)
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            self.close_connection = True
+            return
+        if b"TOKEN" in body:
+            self.answer(400, {"code": 400, "message": "Token Authorization failed."})
+            return
+        if b"FAIL" in body:
+            self.answer(503, {"code": 503, "message": "Model shapes has no worker"})
+            return
+        self.answer(200, GOOD_BODY)
+
+    def answer(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+GOOD_BODY = {
+    "explained": {"label": "ring", "probability": 0.5},
+    "zero_reference": {"score": 0.1, "stable": True},
+}
+
+
+@pytest.fixture
+def faulty_url():
+    httpd = FaultyServer(("127.0.0.1", 0), FaultyHandler)
+    thread = threading.Thread(target=httpd.serve_forever)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    FaultyHandler.release.set()
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(10)
+    FaultyHandler.release.clear()
+
+
+def write_files(folder: Path, contents: dict[str, bytes]) -> list[Path]:
+    paths = []
+    for name, content in contents.items():
+        path = folder / name
+        path.write_bytes(content)
+        paths.append(path)
+    return paths
+
+
+def test_timeouts_resets_and_5xx_are_rows_and_the_run_goes_on(
+    faulty_url, tmp_path, monkeypatch, capsys
+):
+    paths = write_files(
+        tmp_path,
+        {"a.png": b"ok", "hang.png": b"HANG", "b.png": b"ok", "reset.png": b"RESET",
+         "fail.png": b"FAIL", "c.png": b"ok"},
+    )  # fmt: skip
+    args = [*paths, "--url", faulty_url, "--timeout", "2", "--concurrency", "2"]
+    code, stdout, stderr = run_cli(monkeypatch, capsys, args, token="t")
+    assert code == 1, stderr
+    rows = rows_by_file(stdout)
+    assert list(rows) == [str(p) for p in paths]
+    for name in ("a.png", "b.png", "c.png"):
+        assert rows[str(tmp_path / name)].split()[1:] == ["ring", "0.500", "0.100", "yes"]
+    assert "ERROR no answer within 2 s" in rows[str(tmp_path / "hang.png")]
+    assert "ERROR the connection broke while sending" in rows[str(tmp_path / "reset.png")]
+    assert "ERROR HTTP 503" in rows[str(tmp_path / "fail.png")]
+    assert "3 of 6 image(s) failed" in stderr
+
+
+def test_a_refusal_that_stops_the_run_keeps_the_rows_already_answered(
+    faulty_url, tmp_path, monkeypatch, capsys
+):
+    paths = write_files(
+        tmp_path, {"a.png": b"ok", "b.png": b"ok", "token.png": b"TOKEN", "c.png": b"ok"}
+    )
+    args = [*paths, "--url", faulty_url, "--concurrency", "1"]
+    code, stdout, stderr = run_cli(monkeypatch, capsys, args, token="t")
+    assert code == 2
+    rows = rows_by_file(stdout)
+    for name in ("a.png", "b.png"):
+        assert rows[str(tmp_path / name)].split()[1] == "ring"
+    assert "ERROR not sent: TorchServe refused the request" in rows[str(tmp_path / "token.png")]
+    assert "ERROR not sent: the run stopped" in rows[str(tmp_path / "c.png")]
+    assert "token is wrong or expired" in stderr and "2 of 4 image(s) not sent" in stderr
+
+
+def test_max_request_size_from_config(tmp_path):
+    config = tmp_path / "config.properties"
+    config.write_text("# max_request_size=1\nmax_request_size=10485760\n")
+    assert max_request_size_from_config(config) == 10485760
+    config.write_text("inference_address=http://127.0.0.1:8080\n")
+    assert max_request_size_from_config(config) == 6553500  # TorchServe's default
+    config.write_text("max_request_size=ten\n")
+    with pytest.raises(ValueError, match="not a number"):
+        max_request_size_from_config(config)
+
+
+def test_the_size_check_counts_the_whole_form(tmp_path):
+    """A request of exactly the limit is sent; one byte more is refused, before reading."""
+    client = Client(max_request_size=1000)
+    image = bytes(100)
+    exact = client.request_size(len(image), "ring", True)
+    assert exact == len(client._prepare(image, "ring", True).body)
+    Client(max_request_size=exact).check_size(exact)
+    with pytest.raises(
+        ImageError, match=f"would be {exact + 1} bytes.*max_request_size of {exact} "
+    ):
+        Client(max_request_size=exact).check_size(exact + 1)
 
 
 # --- pure logic -----------------------------------------------------------------------------

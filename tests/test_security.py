@@ -70,7 +70,9 @@ SHIPPED_CONFIGS = {
     "kserve": REPO / "config" / "kserve" / "config.properties",
 }
 NO_URL = "(?!)"  # an empty negative lookahead: a pattern that matches nothing
-FTP_PORT = 21  # where Java fetches a file:// URL that names a host and no port
+# Java fetches a file:// URL that names a host (other than localhost) by FTP, on port 21 even
+# when the URL names another port (seen with the old pattern: every such URL connected to 21).
+FTP_PORT = 21
 
 
 def test_every_shipped_config_allows_no_registration_url():
@@ -143,7 +145,7 @@ def registration_attempts(port: int, store: Path, outside: Path) -> list[str]:
     linked = outside / "via" / "model_store" / "evil.mar"
     back = "/".join([".."] * len(store.parts[1:]))
     return [
-        # A host in a file:// URL: Java fetches it by FTP (port 21 unless one is named).
+        # A host in a file:// URL: Java fetches it by FTP on port 21.
         "file://127.0.0.1/model_store/x.mar",
         f"file://127.0.0.1:{port}/model_store/x.mar",
         f"FILE://127.0.0.1:{port}/model_store/x.mar",

@@ -118,10 +118,22 @@ def _kserve_bundle(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    """Explain images on a running server: a table on stdout, overlays in --out."""
+    """Explain images on a running server: a table on stdout, overlays in --out.
+
+    Exit code 0: every image answered; 1: some images failed (their rows say why); 2: the
+    run stopped (no server, no token, no such model) or could not start."""
     from tqdm import tqdm
 
-    from camserve.tools.client import Client, ClientError, find_token, format_table, predict_files
+    from camserve.tools.client import (
+        DEFAULT_MAX_REQUEST_SIZE,
+        Client,
+        ClientError,
+        RunStopped,
+        find_token,
+        format_table,
+        max_request_size_from_config,
+        predict_files,
+    )
 
     paths = [Path(p) for p in args.images]
 
@@ -129,12 +141,32 @@ def _predict(args: argparse.Namespace) -> int:
         # disable=None: a bar on a terminal only, never in pipes or logs.
         return tqdm(results, total=len(paths), unit="image", file=sys.stderr, disable=None)
 
+    limit = args.max_request_size
+    if limit is None:
+        limit = (
+            max_request_size_from_config(args.server_config)
+            if args.server_config is not None
+            else DEFAULT_MAX_REQUEST_SIZE
+        )
+    if limit <= 0:
+        raise ValueError(f"the max_request_size must be a positive number of bytes, got {limit}")
     try:
-        client = Client(args.url, args.model, find_token(None, args.key_file), args.timeout)
+        token = find_token(None, args.key_file)
+        client = Client(args.url, args.model, token, args.timeout, max_request_size=limit)
         outcomes = predict_files(
             client, paths, args.out, args.target, args.concurrency,
             progress if len(paths) >= PROGRESS_MIN_IMAGES else None,
         )  # fmt: skip
+    except RunStopped as err:
+        # The rows already answered are printed; the images not sent are listed as such.
+        if any(not o.stopped for o in err.outcomes):
+            print(format_table(err.outcomes))
+        unsent = sum(1 for o in err.outcomes if o.stopped)
+        print(
+            f"camserve predict: error: {err} ({unsent} of {len(paths)} image(s) not sent)",
+            file=sys.stderr,
+        )
+        return 2
     except ClientError as err:
         print(f"camserve predict: error: {err}", file=sys.stderr)
         return 2
@@ -142,7 +174,10 @@ def _predict(args: argparse.Namespace) -> int:
     if args.out is not None:
         written = sum(1 for o in outcomes if o.overlays)
         print(f"\nwrote {written} overlay pair(s) (*.overlay.png, *.shifted.png) to {args.out}")
-    return 0 if all(o.ok for o in outcomes) else 1
+    failed = sum(1 for o in outcomes if not o.ok)
+    if failed:
+        print(f"camserve predict: {failed} of {len(outcomes)} image(s) failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +249,20 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--concurrency", type=int, default=4, help="requests in flight (1-32)")
     predict.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE)
     predict.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    size = predict.add_mutually_exclusive_group()
+    size.add_argument(
+        "--max-request-size",
+        type=int,
+        metavar="BYTES",
+        help="the server's max_request_size: larger requests are refused before sending "
+        "(default: --server-config's, else 10485760 as in camserve's configs)",
+    )
+    size.add_argument(
+        "--server-config",
+        type=Path,
+        metavar="PROPERTIES",
+        help="the server's config.properties, read for max_request_size",
+    )
     predict.set_defaults(run=_predict)
 
     args = parser.parse_args(argv)
