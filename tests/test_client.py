@@ -224,7 +224,8 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
             self.answer(400, {"code": 400, "message": "Token Authorization failed."})
             return
         if b"FAIL" in body:
-            self.answer(503, {"code": 503, "message": "Model shapes has no worker"})
+            error = {"code": 503, "type": "ServiceUnavailableException", "message": "no worker"}
+            self.answer(503, error)
             return
         self.answer(200, GOOD_BODY)
 
@@ -285,7 +286,9 @@ def test_timeouts_resets_and_5xx_are_rows_and_the_run_goes_on(
         assert rows[str(tmp_path / name)].split()[1:] == ["ring", "0.500", "0.100", "yes"]
     assert "ERROR no answer within 2 s" in rows[str(tmp_path / "hang.png")]
     assert "ERROR the connection broke while sending" in rows[str(tmp_path / "reset.png")]
-    assert "ERROR HTTP 503" in rows[str(tmp_path / "fail.png")]
+    assert (
+        "ERROR HTTP 503 ServiceUnavailableException: no worker" in rows[str(tmp_path / "fail.png")]
+    )
     assert "3 of 6 image(s) failed" in stderr
 
 

@@ -214,8 +214,11 @@ class Client:
             body = response.json()
         except ValueError:
             body = None
-        if isinstance(body, dict) and "code" in body and "message" in body:
-            message = f"{body['code']}: {body['message']}"
+        if isinstance(body, dict) and "message" in body:
+            # camserve's errors name a code ("undecodable_image"); TorchServe's a type.
+            code = body.get("code")
+            label = code if isinstance(code, str) else body.get("type")
+            message = f"{label}: {body['message']}" if label else str(body["message"])
         else:
             message = " ".join(text.split())[:300] or "no details"
         return ImageError(f"HTTP {response.status_code} {message}", response.status_code)
