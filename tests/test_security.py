@@ -98,11 +98,16 @@ class Listener:
         self.sockets = []
         for port in ports:
             sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", port))
-            sock.listen(16)
-            sock.settimeout(0.2)
             self.sockets.append(sock)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", port))
+                sock.listen(16)
+                sock.settimeout(0.2)
+            except OSError:
+                for opened in self.sockets:
+                    opened.close()
+                raise
         self.threads = [threading.Thread(target=self._accept, args=(s,)) for s in self.sockets]
         for thread in self.threads:
             thread.start()
@@ -128,10 +133,17 @@ class Listener:
 def listener():
     """A listener on a free port and on the FTP port (root binds it; CI runs as root)."""
     port = free_port()
-    try:
-        listening = Listener([port, FTP_PORT])
-    except PermissionError:
-        pytest.fail("binding 127.0.0.1:21 needs root (or CAP_NET_BIND_SERVICE)")
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            listening = Listener([port, FTP_PORT])
+            break
+        except PermissionError:
+            pytest.fail("binding 127.0.0.1:21 needs root (or CAP_NET_BIND_SERVICE)")
+        except OSError:  # another test run holds port 21 for one test: wait for it (bounded)
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
     yield port, listening
     listening.close()
 
