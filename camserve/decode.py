@@ -97,14 +97,33 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16") or image.mode == "I":
-        # PIL's convert() clips 16/32-bit values at 255 instead of rescaling them.
-        array = np.asarray(image).astype(np.int64)
-        full_scale = 65535 if image.mode.startswith("I;16") or array.max() > 255 else 255
-        image = Image.fromarray((array * 255 // full_scale).clip(0, 255).astype(np.uint8), "L")
+        image = _to_8bit_grey(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        # Pasting through the alpha channel onto white gives alpha_composite's pixels
+        # exactly, without its two extra RGBA copies (160 MB each at 40 Mpx).
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, (0, 0), rgba)
+        return background
     return image.convert("RGB")
+
+
+# value * 255 // 65535 for every 16-bit value: a lookup writes one byte per pixel, where the
+# arithmetic on an int64 copy needed about 30 bytes per pixel (1 GB for a 40 Mpx image).
+_SIXTEEN_TO_EIGHT = (np.arange(65536, dtype=np.uint32) * 255 // 65535).astype(np.uint8)
+
+
+def _to_8bit_grey(image: Image.Image) -> Image.Image:
+    """16/32-bit grey -> 8-bit "L", rescaled: PIL's convert() clips at 255 instead.
+
+    16-bit modes span 0..65535; a 32-bit "I" image spans 0..65535 when any value is above
+    255, else 0..255 (an 8-bit image saved as 32-bit). Out-of-range values are clipped.
+    """
+    if image.mode.startswith("I;16"):
+        return Image.fromarray(_SIXTEEN_TO_EIGHT[np.asarray(image)], "L")
+    array = np.array(image)  # "I" is int32: a writable copy, clipped in place
+    if array.max() > 255:
+        return Image.fromarray(_SIXTEEN_TO_EIGHT[np.clip(array, 0, 65535, out=array)], "L")
+    return Image.fromarray(np.clip(array, 0, 255, out=array).astype(np.uint8), "L")

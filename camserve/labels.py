@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from camserve.errors import UNKNOWN_TARGET, input_error
+from camserve.errors import UNKNOWN_TARGET, excerpt, input_error
 
 
 def load_labels(path: str | Path, num_classes: int | None = None) -> list[str]:
@@ -27,7 +27,9 @@ def resolve_target(target: int | str | None, labels: list[str]) -> int | None:
     if target is None:
         return None
     if isinstance(target, bool):
-        raise input_error(UNKNOWN_TARGET, f"target must be a class index or label, got {target}")
+        raise input_error(
+            UNKNOWN_TARGET, f"target must be a class index or label, got {excerpt(target)}"
+        )
     if isinstance(target, str) and re.fullmatch(r"\s*-?[0-9]{1,18}\s*", target):
         target = int(target.strip())
     if isinstance(target, int):
@@ -45,6 +47,9 @@ def resolve_target(target: int | str | None, labels: list[str]) -> int | None:
                 return folded.index(target.casefold())
             hint = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
             raise input_error(
-                UNKNOWN_TARGET, f"target label {target!r} is not a class of this model ({hint})"
+                UNKNOWN_TARGET,
+                f"target label {excerpt(target)} is not a class of this model ({hint})",
             ) from None
-    raise input_error(UNKNOWN_TARGET, f"target must be a class index or label, got {target!r}")
+    raise input_error(
+        UNKNOWN_TARGET, f"target must be a class index or label, got {excerpt(target)}"
+    )

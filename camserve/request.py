@@ -2,8 +2,10 @@
 
 An item is the dict TorchServe hands the handler for one HTTP request:
 raw bytes arrive as ``{"body": b"..."}``, a multipart form as one key per field, and a
-JSON body (``Content-Type: application/json``) arrives already parsed, or as bytes when
-it was not valid JSON.
+JSON body (``Content-Type: application/json``) as bytes, which ``parse_json_body`` reads
+(the handler asks TorchServe not to parse JSON itself: its parser keeps the last of
+repeated keys, knows only UTF-8 and gives up silently). A JSON body that TorchServe did
+parse (an older worker, or ``decode_input_request`` forced on) is accepted as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from camserve.errors import (
     MISSING_IMAGE,
     UNKNOWN_OPTION,
     InputError,
+    excerpt,
+    excerpt_names,
     input_error,
 )
 
@@ -45,13 +49,27 @@ class ParsedRequest:
     options: RequestOptions
 
 
-def parse_item(item: dict, json_content: bool = False) -> ParsedRequest:
-    """Split one request item into image bytes and validated options."""
+def parse_item(
+    item: dict, json_content: bool = False, repeated_fields: tuple[str, ...] = ()
+) -> ParsedRequest:
+    """Split one request item into image bytes and validated options.
+
+    ``repeated_fields``: form field names the request carried more than once (TorchServe
+    keeps the last one in ``item``); such a form is refused, since which one was meant is
+    ambiguous.
+    """
     if not isinstance(item, dict) or not item:
         raise input_error(EMPTY_BODY, "the request carried no data")
     fields = dict(item)
     if is_v2_input(fields):
         return _from_v2_input(fields)
+    if repeated_fields:
+        images = [name for name in repeated_fields if name in IMAGE_FIELDS]
+        raise input_error(
+            MISSING_IMAGE if images else BAD_OPTION,
+            f"the form sent {excerpt_names(repeated_fields)} more than once; send one image "
+            "as 'data' and each option once",
+        )
     if len(fields) == 1 and next(iter(fields)) in ("body", "data"):
         payload = next(iter(fields.values()))
         if isinstance(payload, dict):
@@ -59,7 +77,7 @@ def parse_item(item: dict, json_content: bool = False) -> ParsedRequest:
         if isinstance(payload, list):
             raise input_error(INVALID_JSON, "a JSON body must be an object, not a list")
         if json_content and isinstance(payload, bytes | bytearray | str):
-            _reject_bad_json(payload)
+            return _from_json_object(parse_json_body(payload))
         return ParsedRequest(image=_as_bytes(payload), options=RequestOptions())
     return _from_form(fields)
 
@@ -88,7 +106,7 @@ def _from_v2_input(tensor: dict) -> ParsedRequest:
         raise input_error(
             MISSING_IMAGE,
             f"a v2 input must have datatype BYTES holding one base64 image, "
-            f"got {tensor['datatype']!r}",
+            f"got {excerpt(tensor['datatype'])}",
         )
     data = tensor["data"]
     if isinstance(data, list) and len(data) == 1:  # not unwrapped by an envelope
@@ -98,22 +116,53 @@ def _from_v2_input(tensor: dict) -> ParsedRequest:
         raise input_error(BAD_OPTION, "v2 'parameters' must be an object")
     # content_type is the v2 codec's own hint; our images are always base64.
     options = {k: v for k, v in parameters.items() if k != "content_type"}
-    unknown = sorted(set(options) - set(OPTION_FIELDS))
+    unknown = set(options) - set(OPTION_FIELDS)
     if unknown:
         raise input_error(
             UNKNOWN_OPTION,
-            f"unknown v2 parameter(s) {unknown}; the options are {list(OPTION_FIELDS)}",
+            f"unknown v2 parameter(s) {excerpt_names(unknown)}; "
+            f"the options are {list(OPTION_FIELDS)}",
         )
     image = data if isinstance(data, bytes | bytearray) else decode_base64(data)
     return ParsedRequest(image=bytes(image), options=parse_options(options))
 
 
-def _reject_bad_json(payload: bytes | bytearray | str) -> None:
+def parse_json_body(payload: bytes | bytearray | str) -> dict:
+    """A JSON request body -> its top-level object, or ``invalid_json``.
+
+    Encodings are detected as RFC 8259 section 8.1 allows: UTF-8 (with or without a byte
+    order mark), UTF-16 and UTF-32. A key repeated in any object is refused: which value
+    was meant is ambiguous. Nesting deeper than the parser's stack is ``invalid_json``
+    too, not a crash.
+    """
+    if isinstance(payload, str):
+        payload = payload.removeprefix("\ufeff")
     try:
-        json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as err:
+        body = json.loads(payload, object_pairs_hook=_refuse_repeated_keys)
+    except InputError:
+        raise
+    except RecursionError:
+        raise input_error(INVALID_JSON, "the JSON body is nested too deeply") from None
+    except ValueError as err:  # includes UnicodeDecodeError
         raise input_error(INVALID_JSON, f"the body is not valid JSON: {err}") from None
-    raise input_error(INVALID_JSON, "a JSON body must be an object with an 'image' field")
+    if not isinstance(body, dict):
+        raise input_error(
+            INVALID_JSON,
+            f"a JSON body must be an object with an 'image' field, got {excerpt(body)}",
+        )
+    return body
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        seen: set[str] = set()
+        repeated = {key for key, _ in pairs if key in seen or seen.add(key)}
+        raise input_error(
+            INVALID_JSON,
+            f"the JSON body repeats the key(s) {excerpt_names(repeated)}; send each once",
+        )
+    return body
 
 
 def _from_json_object(body: dict) -> ParsedRequest:
@@ -131,12 +180,12 @@ def _from_form(fields: dict) -> ParsedRequest:
 
 def _image_field(fields: dict, image_fields: tuple[str, ...], where: str, name: str):
     """The one image value among ``fields``; anything but options is refused."""
-    unknown = sorted(set(fields) - set(image_fields) - set(OPTION_FIELDS))
+    unknown = set(fields) - set(image_fields) - set(OPTION_FIELDS)
     if unknown:
         raise input_error(
             UNKNOWN_OPTION,
-            f"unknown field(s) {unknown} in {where}; send the image as {name} and the "
-            f"options {list(OPTION_FIELDS)}",
+            f"unknown field(s) {excerpt_names(unknown)} in {where}; send the image as {name} "
+            f"and the options {list(OPTION_FIELDS)}",
         )
     keys = [key for key in fields if key in image_fields]
     if len(keys) != 1:
@@ -175,7 +224,9 @@ def decode_base64(encoded) -> bytes:
 def parse_options(raw: dict) -> RequestOptions:
     target = raw.get("target")
     if target is not None and not isinstance(target, int | str) or isinstance(target, bool):
-        raise input_error(BAD_OPTION, f"'target' must be a class index or label, got {target!r}")
+        raise input_error(
+            BAD_OPTION, f"'target' must be a class index or label, got {excerpt(target)}"
+        )
     if isinstance(target, str) and not target:
         target = None
     return RequestOptions(
@@ -194,7 +245,7 @@ def _parse_count(value, name: str, limit: int) -> int | None:
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
         raise input_error(
-            BAD_OPTION, f"'{name}' must be an integer from 1 to {limit}, got {value!r}"
+            BAD_OPTION, f"'{name}' must be an integer from 1 to {limit}, got {excerpt(value)}"
         )
     return value
 
@@ -204,4 +255,4 @@ def _parse_flag(value) -> bool:
         return bool(value)
     if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no", ""):
         return value.lower() in ("true", "1", "yes")
-    raise input_error(BAD_OPTION, f"'images' must be true or false, got {value!r}")
+    raise input_error(BAD_OPTION, f"'images' must be true or false, got {excerpt(value)}")

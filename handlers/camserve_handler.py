@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections import Counter
 
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from camserve.encode_json import error_json, explanation_json
 from camserve.encode_png import PNG_MEDIA_TYPE, accepts_png, overlay_png
-from camserve.errors import InputError
+from camserve.errors import InputError, bounded_message
 from camserve.explainer import Explainer
 from camserve.request import is_v2_input, parse_item, several_v2_inputs
+from camserve.response_budget import check_fits, frontend_config_path, max_response_size
 from camserve.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+# Set on each request by the wrapper in ``_record_repeated_fields``: the names of form
+# fields the request sent more than once (TorchServe keeps only the last of them).
+REPEATED_FIELDS_HEADER = "x-camserve-repeated-fields"
 
 
 class CamServeHandler(BaseHandler):
@@ -39,6 +46,10 @@ class CamServeHandler(BaseHandler):
             self.explainer.labels if self.explainer.config.class_metrics else None,
         )
         self.telemetry.loaded(self.explainer.compensation.compensable)
+        self.max_response_size, source = max_response_size(config_path=frontend_config_path())
+        log.info("answers are limited to max_response_size=%d (%s)", self.max_response_size, source)
+        _take_json_bodies_raw()
+        _record_repeated_fields()
         log.info(
             "camserve %s ready: layer %s, %s",
             self.model_name,
@@ -59,7 +70,11 @@ class CamServeHandler(BaseHandler):
         for index, item in enumerate(data):
             try:
                 with self.telemetry.timed("decode"):
-                    parsed = parse_item(item, json_content=_is_json(context, index))
+                    parsed = parse_item(
+                        item,
+                        json_content=_is_json(context, index),
+                        repeated_fields=_repeated_fields(context, index),
+                    )
                     prepared.append((index, self.explainer.prepare(parsed)))
             except InputError as err:
                 responses[index] = self._error(context, index, err.code, err.message, err.status)
@@ -69,13 +84,17 @@ class CamServeHandler(BaseHandler):
                     context, index, "internal_error", f"request could not be read: {err}", 500
                 )
         for index, result in self._explain_isolated(prepared, context, responses):
-            with self.telemetry.timed("encode"):
-                if _wants_png(context, index, data[index]):
-                    context.set_response_content_type(index, PNG_MEDIA_TYPE)
-                    responses[index] = overlay_png(result)
-                else:
-                    responses[index] = self._json(context, index, explanation_json(result))
-            self.telemetry.explained(result.explained.zero_reference, result.explained.index)
+            try:
+                with self.telemetry.timed("encode"):
+                    responses[index] = self._answer(context, index, data[index], result)
+                self.telemetry.explained(result.explained.zero_reference, result.explained.index)
+            except InputError as err:  # the answer does not fit max_response_size
+                responses[index] = self._error(context, index, err.code, err.message, err.status)
+            except Exception as err:  # noqa: BLE001 - an encoder bug must not fail the batch
+                log.exception("item %d could not be encoded", index)
+                responses[index] = self._error(
+                    context, index, "internal_error", f"answer could not be encoded: {err}", 500
+                )
         log.info("camserve batch: %d items, %d rejected", len(data), len(data) - len(prepared))
         return responses
 
@@ -105,10 +124,24 @@ class CamServeHandler(BaseHandler):
                 )
         return results
 
+    def _answer(self, context, index: int, item, result) -> str | bytes:
+        """The encoded answer, or ``InputError`` when it would exceed max_response_size."""
+        if _wants_png(context, index, item):
+            context.set_response_content_type(index, PNG_MEDIA_TYPE)
+            answer = overlay_png(result)
+        else:
+            answer = self._json(context, index, explanation_json(result))
+        # json.dumps escapes to ASCII: a str answer's length is its size in bytes.
+        too_large = check_fits(len(answer), self.max_response_size)
+        if too_large is not None:
+            raise too_large
+        return answer
+
     def _error(self, context, index: int, code: str, message: str, status: int) -> str:
         self.telemetry.error(code)
         context.set_response_status(status, code, idx=index)
-        return self._json(context, index, error_json(code, message, status))
+        # Messages quoting library errors are bounded too: an error answer stays small.
+        return self._json(context, index, error_json(code, bounded_message(message), status))
 
     @staticmethod
     def _json(context, index: int, body: dict) -> str:
@@ -133,3 +166,42 @@ def _is_json(context, index: int) -> bool:
         if isinstance(value, str) and value.split(";")[0].strip() == "application/json":
             return True
     return False
+
+
+def _repeated_fields(context, index: int) -> tuple[str, ...]:
+    value = context.get_request_header(index, REPEATED_FIELDS_HEADER)
+    return tuple(name for name in value.split(",") if name) if isinstance(value, str) else ()
+
+
+def _take_json_bodies_raw() -> None:
+    """Ask this worker's TorchServe not to parse JSON bodies before the handler: camserve's
+    parser (``camserve.request.parse_json_body``) refuses repeated keys and reads UTF-16
+    and a byte order mark, where TorchServe's keeps the last key and gives up silently.
+    TorchServe reads this documented setting (``decode_input_request``) per request."""
+    os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
+
+
+def _record_repeated_fields() -> None:
+    """TorchServe merges each request's fields into one dict before the handler runs: of two
+    form files named ``data`` only the last arrives. Wrap that merge to record the names sent
+    more than once in a header the handler reads, so such a request can be refused."""
+    from ts.service import Service
+
+    merge = Service.retrieve_data_for_inference
+    if getattr(merge, "records_repeated_fields", False):
+        return
+
+    def retrieve_data_for_inference(batch):
+        headers, inputs, request_ids = merge(batch)
+        try:
+            for request, processor in zip(batch, headers, strict=True):
+                names = Counter(p.get("name") for p in request.get("parameters") or [])
+                repeated = ",".join(sorted(str(n) for n, count in names.items() if count > 1))
+                # Set after TorchServe copied the client's headers: a client cannot forge it.
+                processor.get_request_properties()[REPEATED_FIELDS_HEADER] = repeated
+        except Exception:  # noqa: BLE001 - a changed TorchServe must not fail requests
+            log.exception("cannot record repeated form fields; TorchServe keeps the last")
+        return headers, inputs, request_ids
+
+    retrieve_data_for_inference.records_repeated_fields = True
+    Service.retrieve_data_for_inference = staticmethod(retrieve_data_for_inference)
