@@ -20,11 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from harness.shapes.dataset import CLASSES, HELD_OUT_SEED, render_sample
 
 OK = "ok"
+# The answer's length when the request sets no topk: the shapes model's configured topk.
+DEFAULT_TOPK = yaml.safe_load(
+    (Path(__file__).resolve().parents[1] / "models" / "shapes" / "model-config.yaml").read_text()
+)["handler"]["topk"]
 # TorchServe's frontend refuses bodies over max_request_size itself: 413, empty body.
 FRONTEND_413 = "frontend_413"
 
@@ -37,6 +42,9 @@ class Case:
     are: ``same_as`` (PNG bytes whose answer must be identical), ``differs_from`` (PNG bytes
     whose Grad-CAM must differ: proves a transformation was really applied), ``label``
     (the known class) and ``topk`` (the number of predictions listed).
+
+    Besides a body or a ``form``: ``parts`` is a multipart form whose field names may
+    repeat, ``accept`` the Accept header, ``query`` a query string for the URL.
     """
 
     name: str
@@ -49,16 +57,24 @@ class Case:
     differs_from: bytes | None = None
     label: int | None = None
     topk: int | None = None
+    parts: tuple[tuple[str, bytes], ...] | None = None
+    accept: str | None = None
+    query: str | None = None
     extra: dict = field(default_factory=dict)
 
     def request_kwargs(self) -> dict:
-        """Keyword arguments for ``requests.post``."""
+        """Keyword arguments for ``requests.post`` (``params`` for the query string)."""
+        headers = {"Accept": self.accept} if self.accept else {}
+        params = {"params": self.query} if self.query else {}
+        if self.parts is not None:
+            return {"files": [(k, (k, v)) for k, v in self.parts], "headers": headers, **params}
         if self.form is not None:
             files = {k: (k, v) for k, v in self.form.items() if k == "data"}
             data = {k: v for k, v in self.form.items() if k != "data"}
-            return {"files": files, "data": data}
-        headers = {"Content-Type": self.content_type} if self.content_type else {}
-        return {"data": self.body, "headers": headers}
+            return {"files": files, "data": data, "headers": headers, **params}
+        if self.content_type:
+            headers["Content-Type"] = self.content_type
+        return {"data": self.body, "headers": headers, **params}
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **save_args) -> bytes:
@@ -203,6 +219,12 @@ def good_cases() -> list[Case]:
         Case("one_pixel", OK, 200, body=encode(Image.new("RGB", (1, 1), (200, 30, 30)))),
         Case("huge_topk_is_capped", OK, 200, form={"data": encode(s[11].image), "topk": b"1000"}, same_as=encode(s[11].image), label=s[11].label, topk=len(CLASSES)),
         Case("json_with_target_and_topk", OK, 200, content_type="application/json", body=json.dumps({"image": base64.b64encode(encode(s[11].image)).decode(), "target": CLASSES[0], "topk": 2}).encode(), label=s[11].label, topk=2),
+        Case("json_utf8_bom", OK, 200, content_type="application/json", body=b"\xef\xbb\xbf" + json.dumps({"image": base64.b64encode(encode(s[11].image)).decode()}).encode(), same_as=encode(s[11].image), label=s[11].label),
+        Case("json_utf16_le_bom", OK, 200, content_type="application/json", body=json.dumps({"image": base64.b64encode(encode(s[11].image)).decode()}).encode("utf-16"), same_as=encode(s[11].image), label=s[11].label),
+        Case("json_utf16_be", OK, 200, content_type="application/json", body=json.dumps({"image": base64.b64encode(encode(s[11].image)).decode(), "topk": 1}).encode("utf-16-be"), label=s[11].label, topk=1),
+        Case("accept_png", OK, 200, body=encode(s[11].image), accept="image/png"),
+        # TorchServe's frontend drops the query string of /predictions: the option never arrives.
+        Case("options_in_query_string_are_ignored", OK, 200, body=encode(s[11].image), query="topk=1", same_as=encode(s[11].image), label=s[11].label, topk=DEFAULT_TOPK),
         Case("json_data_url", OK, 200, content_type="application/json", body=json.dumps({"image": "data:image/png;base64," + base64.b64encode(encode(s[11].image)).decode()}).encode(), same_as=encode(s[11].image), label=s[11].label),
     ]  # fmt: skip
 
@@ -253,8 +275,26 @@ def bad_cases(max_request_size: int) -> list[Case]:
         Case("huge_topk", "bad_option", 400, body=json_body({"image": b64, "topk": 10**12}), content_type=j),
         Case("unicode_digit_topk", "bad_option", 400, form={"data": png, "topk": "\u00b2".encode()}),
         Case("bad_images_flag", "bad_option", 400, body=json_body({"image": b64, "images": "maybe"}), content_type=j),
+        Case("json_nested_500_deep_target", "bad_option", 400, body=nested_json(b64, "target", 500), content_type=j),
+        Case("json_nested_1000_deep_target", "invalid_json", 400, body=nested_json(b64, "target", 1000), content_type=j),
+        Case("json_nested_100000_deep_maps", "invalid_json", 400, body=nested_json(b64, "maps", 100_000, "{\"a\":", "}"), content_type=j),
+        Case("json_not_an_object", "invalid_json", 400, body=b'"just a string"', content_type=j),
+        Case("json_not_utf", "invalid_json", 400, body=b'{"image": "\xff\xfe\xfd"}', content_type=j),
+        Case("json_repeated_image_key", "invalid_json", 400, body=f'{{"image": "{b64}", "image": "{b64}"}}'.encode(), content_type=j),
+        Case("json_repeated_nested_key", "invalid_json", 400, body=f'{{"image": {{"b64": "{b64}", "b64": "{b64}"}}}}'.encode(), content_type=j),
+        Case("json_control_character_target", "unknown_target", 400, body=json_body({"image": b64, "target": "\x7f\x01" * 50_000}), content_type=j),
+        Case("json_long_list_target", "bad_option", 400, body=json_body({"image": b64, "target": [0] * 100_000}), content_type=j),
+        Case("json_many_unknown_fields", "unknown_option", 400, body=json_body({"image": b64, **{f"field{i}": i for i in range(20_000)}}), content_type=j),
+        Case("form_two_data_files", "missing_image", 400, parts=(("data", png), ("data", encode(sample(1).image)))),
+        Case("form_repeated_option", "bad_option", 400, parts=(("data", png), ("topk", b"1"), ("topk", b"2"))),
         Case("body_over_max_request_size", FRONTEND_413, 413, body=b"\x89PNG\r\n\x1a\n" + b"\x00" * max_request_size),
     ]  # fmt: skip
+
+
+def nested_json(b64: str, option: str, depth: int, opening: str = "[", closing: str = "]") -> bytes:
+    """A JSON body whose ``option`` is a value nested ``depth`` levels deep."""
+    value = opening * depth + "0" + closing * depth
+    return f'{{"image": "{b64}", "{option}": {value}}}'.encode()
 
 
 def build_corpus(max_request_size: int = 10 * 1024 * 1024) -> list[Case]:
@@ -270,7 +310,13 @@ def write_corpus(out: Path, cases: list[Case]) -> None:
     manifest = []
     for case in cases:
         entry = {"name": case.name, "expect": case.expect, "status": case.status}
-        if case.form is not None:
+        entry.update({k: v for k, v in (("accept", case.accept), ("query", case.query)) if v})
+        if case.parts is not None:
+            entry["parts"] = []
+            for number, (key, value) in enumerate(case.parts):
+                (out / f"{case.name}.{number}.{key}").write_bytes(value)
+                entry["parts"].append([key, f"{case.name}.{number}.{key}"])
+        elif case.form is not None:
             entry["form"] = {}
             for key, value in case.form.items():
                 (out / f"{case.name}.{key}").write_bytes(value)

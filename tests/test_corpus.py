@@ -4,11 +4,14 @@ worker never dies."""
 
 from __future__ import annotations
 
+import io
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from PIL import Image
 
+from camserve.errors import MAX_MESSAGE_CHARS
 from harness.local_torchserve import LocalTorchServe, read_properties
 from tests.conftest import CONFIG, held_out, png_bytes
 from tests.corpus import FRONTEND_413, OK, Case, build_corpus
@@ -22,6 +25,7 @@ BATCH = 8
 BATCHED = [c for c in CASES if c.expect != FRONTEND_413]  # the rest never reaches a worker
 # Each batch: 4 corpus cases and good images to fill it up to 8.
 GOOD_NEEDED = -(-len(BATCHED) // (BATCH // 2)) * BATCH - len(BATCHED)
+INPUT_SIZE = (64, 64)  # the shapes model's input: the overlay's size
 TIMEOUT_S = 120  # a bound that catches a hang; answers take well under a second
 
 
@@ -49,11 +53,17 @@ def check(server: LocalTorchServe, case: Case, response: requests.Response) -> N
     assert response.status_code == case.status, (case.name, response.text[:300])
     if case.expect == FRONTEND_413:
         return  # TorchServe's frontend answers before any worker sees it: no JSON body
+    if case.accept == "image/png" and case.expect == OK:
+        assert response.headers["Content-Type"] == "image/png", case.name
+        with Image.open(io.BytesIO(response.content)) as overlay:
+            assert (overlay.format, overlay.size) == ("PNG", INPUT_SIZE), case.name
+        return
     body = response.json()
     VALIDATOR.validate(body)
     if case.expect != OK:
         assert (body["code"], body["status"]) == (case.expect, case.status), body
-        assert body["message"]
+        # Errors quote at most a short excerpt of what was sent.
+        assert 0 < len(body["message"]) <= MAX_MESSAGE_CHARS, (case.name, len(body["message"]))
         return
     assert "predictions" in body, body
     if case.topk is not None:
