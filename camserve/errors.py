@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 # Longest message an error carries: whatever a bug or a library puts in it, an error answer
@@ -101,8 +102,8 @@ def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
 
 
 def excerpt_names(names, limit: int = EXCERPT_ITEMS) -> str:
-    """The first few of some field names (sorted when few), each excerpted, and the count."""
-    names = sorted(names, key=str) if len(names) <= 1000 else list(names)
-    shown = ", ".join(excerpt(name) for name in names[:limit])
+    """The first few of some field names in sorted order, each excerpted, and the count."""
+    names = list(names)
+    shown = ", ".join(excerpt(name) for name in heapq.nsmallest(limit, names, key=str))
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return f"[{shown}]{more}"
