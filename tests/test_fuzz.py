@@ -5,6 +5,7 @@ documented code, never another exception. Bounded by example counts, not by wall
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from camserve.decode import decode_image
-from camserve.errors import ERROR_CODES, InputError
+from camserve.errors import ERROR_CODES, MAX_MESSAGE_CHARS, InputError
 from camserve.labels import resolve_target
 from camserve.request import ParsedRequest, parse_item
 from tests.conftest import held_out, png_bytes
@@ -190,3 +191,38 @@ def test_the_whole_prepare_path(shapes_explainer, data, target, topk):
     assert tuple(prepared.tensor.shape[1:]) == tuple(
         shapes_explainer.config.preprocessing.input_size
     )
+
+
+ENCODINGS = st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-be", "utf-32", "latin-1"])
+
+
+@st.composite
+def json_bodies(draw) -> bytes:
+    """JSON text as a client may send it: any value or object with image and options, in
+    any encoding, sometimes nested deep, with a repeated key, or with bytes cut or flipped."""
+    body = draw(st.dictionaries(FIELD_NAMES, JSON, max_size=4) | JSON)
+    text = json.dumps(body, ensure_ascii=draw(st.booleans()))
+    if draw(st.booleans()):  # nest, beyond the parser's stack at times
+        depth = draw(st.sampled_from([10, 900, 1000, 5000]))
+        text = '{"image": "x", "target": ' + "[" * depth + text + "]" * depth + "}"
+    if draw(st.booleans()):
+        text = text.replace("{", '{"image": 1, "image": 2, ', 1)
+    data = bytearray(text.encode(draw(ENCODINGS), errors="replace"))
+    if data and draw(st.booleans()):
+        at = draw(st.integers(0, len(data) - 1))
+        data[at] ^= draw(st.integers(1, 255))
+    return bytes(data)
+
+
+@pytest.mark.timeout(120)
+@FUZZ
+@given(json_bodies())
+def test_any_json_body_parses_or_gets_a_defined_error(body):
+    try:
+        parsed = parse_item({"body": body}, json_content=True)
+    except InputError as err:
+        assert (
+            err.code in ERROR_CODES and err.status < 500 and len(err.message) <= MAX_MESSAGE_CHARS
+        )
+        return
+    assert isinstance(parsed.image, bytes)
