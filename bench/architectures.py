@@ -3,8 +3,12 @@ image at batch 1 (random weights, 224x224, 2 threads), next to a plain forward.
 
     python -m bench.architectures                      # all supported architectures
     python -m bench.architectures --arch resnet50 vgg16 --repeats 5
+    python -m bench.architectures --arch swin_t vit_b_16 --compare-grad-cam swin_t vit_b_16
 
 Writes bench/results/<date>-architectures.json with the machine description and the command.
+``--compare-grad-cam`` adds, per named architecture, the Pearson correlation between
+camserve's map and pytorch-grad-cam's GradCAM with its documented ``reshape_transform``
+(pip install -r requirements-bench.lock), on the same images, layer and class.
 """
 
 from __future__ import annotations
@@ -20,22 +24,33 @@ from pathlib import Path
 import torch
 import torchvision
 from PIL import Image
+from torch import nn
 
 from bench.run import RESULTS, machine
 from bench.timing import interleaved
 from camserve.explainer import Explainer, ExplainerConfig
+from camserve.grid import GridLayer
 from camserve.tools.archive import make_preprocessing
 
 ARCHITECTURES = (
     "resnet18", "resnet34", "resnet50", "resnet101", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn",
     "densenet121", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
     "efficientnet_b0", "convnext_tiny", "regnet_y_400mf",
+    "swin_t", "swin_s", "swin_v2_t", "vit_b_16", "vit_b_32", "maxvit_t",
 )  # fmt: skip
 
 
-def measure(arch: str, repeats: int, size: int) -> dict:
+def random_model(arch: str) -> nn.Module:
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch, weights=None).eval()
+    if hasattr(model, "heads"):
+        # torchvision initialises ViT's head to zero, which leaves nothing to explain.
+        nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
+
+
+def measure(arch: str, repeats: int, size: int, compare: bool = False) -> dict:
+    model = random_model(arch)
     config = ExplainerConfig(
         architecture=arch,
         weights="random",
@@ -61,7 +76,7 @@ def measure(arch: str, repeats: int, size: int) -> dict:
     load_before = os.getloadavg()[0]
     timings = interleaved({"plain": plain, "explained": explained}, repeats, warmup=2)
     report = explainer.compensation
-    return {
+    row = {
         "architecture": arch,
         "target_layer": explainer.config.target_layer,
         "compensable": report.compensable,
@@ -74,6 +89,55 @@ def measure(arch: str, repeats: int, size: int) -> dict:
         "explainer_load_s": round(load_s, 2),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
+    if compare:
+        row["pytorch_grad_cam"] = compare_with_pytorch_grad_cam(explainer, size)
+    return row
+
+
+def compare_with_pytorch_grad_cam(explainer: Explainer, size: int, images: int = 8) -> dict:
+    """Pearson correlation of camserve's map with pytorch-grad-cam's GradCAM, both at the
+    input resolution, on random images, at the same layer and for the same class.
+
+    pytorch-grad-cam gets the raw layer and the ``reshape_transform`` of its documentation
+    (ViT: drop the class token and reshape the tokens; Swin: channels last to first). It
+    upsamples with OpenCV and min-max scales each map: neither changes a Pearson
+    correlation beyond interpolation differences."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = explainer.model
+    layer = model.get_submodule(explainer.config.target_layer)
+    wrapped = isinstance(layer, GridLayer)
+    layer = layer.layer if wrapped else layer  # the raw layer inside camserve's grid wrapper
+
+    def reshape_transform(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 3:  # ViT: (N, 1 + h*w, C), as in its ViT example
+            side = int((tensor.shape[1] - 1) ** 0.5)
+            tensor = tensor[:, 1:, :].reshape(tensor.size(0), side, side, tensor.size(2))
+        # As in its Swin example: (N, h, w, C) -> (N, C, h, w)
+        return tensor.transpose(2, 3).transpose(1, 2)
+
+    x = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(5))
+    result = explainer.gradcam(x)
+    ours = torch.nn.functional.interpolate(
+        result.grad_cam[:, None], size=(size, size), mode="bilinear", align_corners=False
+    )[:, 0]
+    transform = reshape_transform if wrapped else None
+    with GradCAM(model=model, target_layers=[layer], reshape_transform=transform) as cam:
+        theirs = cam(
+            input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in result.targets]
+        )
+    correlations = [
+        float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
+        for a, b in zip(ours, torch.as_tensor(theirs), strict=True)
+    ]
+    return {
+        "images": images,
+        "layer": explainer.config.target_layer,
+        "reshape_transform": "documented" if wrapped else "none",
+        "pearson_min": round(min(correlations), 4),
+        "pearson_median": round(sorted(correlations)[len(correlations) // 2], 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,17 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--compare-grad-cam", nargs="*", default=[], metavar="ARCH",
+        help="also correlate these architectures' maps with pytorch-grad-cam's",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for arch in args.arch:
-        row = measure(arch, args.repeats, args.size)
+        row = measure(arch, args.repeats, args.size, arch in args.compare_grad_cam)
         rows.append(row)
         print(
             f"{arch:20s} {row['target_layer']:14s} compensable={row['compensable']!s:5s} "
             f"explained {row['explained_ms_median']:8.1f} ms  "
             f"plain {row['plain_forward_ms_median']:8.1f} ms "
-            f"(x{row['ratio']}, load {row['load_average_1min']})",
+            f"(x{row['ratio']}, load {row['load_average_1min']})"
+            + (f" pytorch-grad-cam {row['pytorch_grad_cam']}" if "pytorch_grad_cam" in row else ""),
             flush=True,
         )
     today = datetime.date.today().isoformat()

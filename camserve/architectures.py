@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -17,8 +18,10 @@ def build_model(
     num_classes: int,
     model_file: str | Path | None = None,
     model_class: str | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """An untrained model of the named architecture with ``num_classes`` outputs."""
+    """An untrained model of the named architecture with ``num_classes`` outputs, built with
+    the torchvision constructor arguments that ``state``'s keys and shapes fix."""
     if model_file is not None:
         return _custom_model(Path(model_file), model_class or architecture, num_classes)
     known = torchvision.models.list_models(module=torchvision.models)
@@ -29,7 +32,60 @@ def build_model(
             f"unknown architecture {architecture!r}{hint}; use a torchvision "
             "classification model (torchvision.models.list_models()), or a model file + class"
         )
-    return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    options = constructor_options(architecture, state)
+    return torchvision.models.get_model(
+        architecture, weights=None, num_classes=num_classes, **options
+    )
+
+
+def constructor_options(architecture: str, state: dict[str, torch.Tensor] | None) -> dict:
+    """torchvision constructor arguments that change a state_dict, read back from one.
+
+    - googlenet and inception_v3: ``aux_logits``. torchvision's own ImageNet weights drop
+      the auxiliary heads, so their state_dicts have no ``aux1.``/``AuxLogits.`` keys.
+    - vit_*: ``image_size``, from the position embeddings (1 + (size / patch)^2 tokens),
+      and ``representation_size`` when the head has a ``pre_logits`` layer.
+    """
+    if not state:
+        return {}
+    options: dict = {}
+    if architecture in ("googlenet", "inception_v3"):
+        aux = "aux1." if architecture == "googlenet" else "AuxLogits."
+        options["aux_logits"] = any(key.startswith(aux) for key in state)
+        options["init_weights"] = False  # the weights replace it at once
+    if architecture.startswith("vit_"):
+        positions, patches = state.get("encoder.pos_embedding"), state.get("conv_proj.weight")
+        if positions is not None and patches is not None and positions.dim() == 3:
+            side = math.isqrt(positions.shape[1] - 1)
+            if side * side == positions.shape[1] - 1:
+                options["image_size"] = side * int(patches.shape[-1])
+        pre_logits = state.get("heads.pre_logits.weight")
+        if pre_logits is not None:
+            options["representation_size"] = int(pre_logits.shape[0])
+    return options
+
+
+def trained_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The only input size the model accepts, when its weights fix one (ViT: the position
+    embeddings cover one grid of patches); None when any size works."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        return (model.image_size, model.image_size)
+    return None
+
+
+def check_input_size(model: nn.Module, input_size: tuple[int, int]) -> None:
+    """Refuse an input size other than the one the weights were trained for."""
+    trained = trained_input_size(model)
+    if trained is not None and tuple(input_size) != trained:
+        raise ValueError(
+            f"{type(model).__name__} weights were trained at {trained[0]}x{trained[1]} "
+            f"(their position embeddings cover a {model.image_size // model.patch_size}"
+            f"x{model.image_size // model.patch_size} grid of {model.patch_size}-pixel "
+            f"patches), but the input size is {input_size[0]}x{input_size[1]}: use "
+            f"--input-size {trained[0]}"
+        )
 
 
 def _custom_model(model_file: Path, class_name: str, num_classes: int) -> nn.Module:
@@ -120,7 +176,7 @@ def state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str
 def infer_num_classes(architecture: str, state: dict[str, torch.Tensor]) -> int:
     """The class count of a torchvision state_dict: the size its head has where the
     1000-class reference model has 1000 (1000 when nothing differs)."""
-    reference = build_model(architecture, 1000).state_dict()
+    reference = build_model(architecture, 1000, state=state).state_dict()
     for key, tensor in reference.items():
         theirs = state.get(key)
         if (

@@ -4,6 +4,10 @@ At load time we follow the forward pass from the target layer to the first affin
 that runs after it, then build the compensated network for real: a hook adds delta to the
 layer's output and that affine layer's bias absorbs it. If the outputs match the original
 on random inputs (relative tolerance ``RELATIVE_TOLERANCE``), the shift is ``compensable``.
+
+The shift is one constant per channel of the layer's (N, C, h, w) grid (camserve.grid): a
+channels-last or token layer is probed at its grid tap, so the shift runs along the real
+channel axis and never along rows or tokens.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from camserve.grid import GridLayer, GridTap, grid_tap
+
 RELATIVE_TOLERANCE = 1e-4
-_AFFINE = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
+_AFFINE = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.MultiheadAttention)
 
 
 @dataclass(frozen=True)
@@ -36,13 +42,20 @@ class CompensationReport:
 
 
 def leaf_modules_after(model: nn.Module, layer_name: str, example: Tensor) -> list[str]:
-    """Names of leaf modules in the order they start running after the target layer ends."""
+    """Names of leaf modules in the order they start running after the target layer ends.
+
+    A ``MultiheadAttention`` counts as a leaf: it applies its input projection (and its
+    bias) functionally, so its ``out_proj`` child never runs as a module.
+    """
     target = model.get_submodule(layer_name)
     order: list[str] = []
     state = {"after": False}
     handles = [target.register_forward_hook(lambda *_: state.__setitem__("after", True))]
+    units = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     for name, module in model.named_modules():
-        if name and not any(True for _ in module.children()):
+        inside_unit = any(name.startswith(f"{unit}.") for unit in units)
+        leaf = not any(True for _ in module.children()) or name in units
+        if name and leaf and not inside_unit:
             handles.append(module.register_forward_pre_hook(_recorder(name, order, state)))
     try:
         with torch.no_grad():
@@ -62,10 +75,14 @@ def _recorder(name: str, order: list[str], state: dict):
 
 
 def find_absorbing_layer(model: nn.Module, layer_name: str, example: Tensor) -> str | None:
-    """The first affine layer (Linear, Conv2d, BatchNorm2d) that runs after the target."""
+    """The first affine layer (Linear, Conv2d, BatchNorm2d, the input projection of a
+    MultiheadAttention) with a bias that runs after the target."""
     for name in leaf_modules_after(model, layer_name, example):
         module = model.get_submodule(name)
-        if isinstance(module, nn.BatchNorm2d) or (
+        if isinstance(module, nn.MultiheadAttention):
+            if module.in_proj_bias is not None and module.in_proj_weight is not None:
+                return name
+        elif isinstance(module, nn.BatchNorm2d) or (
             isinstance(module, _AFFINE) and module.bias is not None
         ):
             return name
@@ -73,11 +90,22 @@ def find_absorbing_layer(model: nn.Module, layer_name: str, example: Tensor) -> 
 
 
 def add_shift(model: nn.Module, layer_name: str, delta: Tensor):
-    """Hook that adds ``delta`` (one constant per channel) to the layer's output."""
+    """Hook that adds ``delta`` (one constant per channel) to the layer's output, an
+    (N, C, h, w) grid: a channels-last or token layer is shifted at its grid tap."""
+    layer = model.get_submodule(layer_name)
+    if isinstance(layer, GridLayer):
+        layer = layer.grid
     shift = delta.reshape(1, -1, 1, 1)
-    return model.get_submodule(layer_name).register_forward_hook(
-        lambda module, inputs, output: output + shift.to(output)
-    )
+
+    def add(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        if output.dim() != 4 or output.shape[1] != shift.shape[1]:
+            raise ValueError(
+                f"cannot shift {layer_name!r}: its output {tuple(output.shape)} is not an "
+                f"(N, {shift.shape[1]}, h, w) grid (probe its grid tap, camserve.grid)"
+            )
+        return output + shift.to(output)
+
+    return layer.register_forward_hook(add)
 
 
 def compensated_copy(
@@ -105,8 +133,17 @@ def compensated_copy(
 
 
 def _absorb(layer: nn.Module, input_shift: Tensor) -> None:
-    if isinstance(layer, nn.Linear):
-        layer.bias -= layer.weight @ input_shift
+    if isinstance(layer, nn.Linear | nn.MultiheadAttention):
+        weight, bias = (
+            (layer.weight, layer.bias)
+            if isinstance(layer, nn.Linear)
+            else (layer.in_proj_weight, layer.in_proj_bias)
+        )
+        # A Linear on tokens (N, L, C) sees the shift at every position; one bias can only
+        # absorb it if it is the same everywhere (it is not when a class token is spared).
+        # The mean is the best single bias; the probe then measures what is left.
+        shift = input_shift.reshape(-1, weight.shape[1]).mean(dim=0)
+        bias -= weight @ shift
     elif isinstance(layer, nn.BatchNorm2d):
         # Moving the running mean is the same as bias -= weight * d / sqrt(var + eps).
         layer.running_mean += input_shift.mean(dim=(1, 2))
@@ -146,8 +183,16 @@ def probe_compensable(
     input_size: tuple[int, int],
     tolerance: float = RELATIVE_TOLERANCE,
     seed: int = 0,
+    layout: str | None = None,
 ) -> CompensationReport:
-    """Build the compensated network for a random shift and compare it on random inputs."""
+    """Build the compensated network for a random shift and compare it on random inputs.
+
+    ``layer_name`` is a layer (read through its grid, ``layout`` as camserve.grid reads it,
+    refused when it has none) or an attached grid tap."""
+    if not isinstance(model.get_submodule(layer_name), GridTap):
+        with grid_tap(model, layer_name, input_size, layout) as tap:
+            if tap != layer_name:
+                return probe_compensable(model, tap, input_size, tolerance, seed)
     generator = torch.Generator().manual_seed(seed)
     probe = torch.randn(4, 3, *input_size, generator=generator)
     model = model.eval()

@@ -8,6 +8,12 @@ convolution skips pooling layers of the head (VGG's ``AdaptiveAvgPool2d((7, 7))`
 outputs a 4-D map) and normalisation layers (ConvNeXt's head ``LayerNorm2d``). Taking the last
 module to finish prefers the outermost container (``layer4`` over ``layer4.1``), whose name
 is stable across depths of the same family.
+
+Transformers are handled by family, with the layers that the Grad-CAM literature and
+pytorch-grad-cam's documentation use (docs/bring-your-own-model.md says why): Swin's final
+``norm`` (channels last, averaged into the head) and ViT's last block's ``ln_1`` (a layer
+after which only the class token reaches the head would give zero gradient to the patches).
+A model whose last modules output token sequences is not guessed at: name its layer.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from camserve.grid import LAYOUTS, read_layout
 
 
 @dataclass(frozen=True)
@@ -68,24 +76,54 @@ def trace_outputs(model: nn.Module, input_size: tuple[int, int]) -> list[LayerOu
     )
 
 
+def family_target_layer(model: nn.Module) -> str | None:
+    """The target layer of a transformer family camserve knows; None for the others."""
+    from torchvision.models.swin_transformer import SwinTransformer
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, SwinTransformer):
+        return "norm"
+    if isinstance(model, VisionTransformer):
+        last = list(model.encoder.layers.named_children())[-1][0]
+        return f"encoder.layers.{last}.ln_1"
+    return None
+
+
 def auto_target_layer(model: nn.Module, input_size: tuple[int, int]) -> str:
-    """Name of the last module finishing with a 4-D output that is or contains a Conv2d."""
-    candidates = [
-        layer
-        for layer in trace_outputs(model, input_size)
-        if len(layer.shape) == 4 and layer.has_conv
-    ]
+    """The family's layer for a known transformer, else the last module finishing with a
+    4-D output that is or contains a Conv2d."""
+    family = family_target_layer(model)
+    if family is not None:
+        return family
+    outputs = trace_outputs(model, input_size)
+    candidates = [layer for layer in outputs if len(layer.shape) == 4 and layer.has_conv]
     if not candidates:
         raise ValueError(
             f"cannot pick a target layer automatically: no convolutional module of "
             f"{type(model).__name__} outputs an (N, K, h, w) feature map at input size "
             f"{tuple(input_size)}; name one with --target-layer"
         )
-    return candidates[-1].name
+    chosen = candidates[-1]
+    tokens = [
+        layer for layer in outputs if layer.finished > chosen.finished and len(layer.shape) == 3
+    ]
+    if tokens:
+        # A patch embedding followed by a transformer: its last convolution is not the
+        # layer to explain, and the token layout is the user's to state.
+        raise ValueError(
+            f"cannot pick a target layer automatically: after {chosen.name!r}, "
+            f"{type(model).__name__} works on token sequences ({tokens[-1].name!r} outputs "
+            f"{tokens[-1].shape}); name the layer with --target-layer and its layout with "
+            f"--target-layout ({', '.join(LAYOUTS)})"
+        )
+    return chosen.name
 
 
-def check_target_layer(model: nn.Module, layer_name: str, input_size: tuple[int, int]) -> None:
-    """Raise a ``ValueError`` that lists usable names when ``layer_name`` cannot be explained."""
+def check_target_layer(
+    model: nn.Module, layer_name: str, input_size: tuple[int, int], layout: str | None = None
+) -> str:
+    """The layout of ``layer_name``'s output (camserve.grid); a ``ValueError`` that lists
+    usable names when the layer cannot be explained."""
     outputs = {layer.name: layer for layer in trace_outputs(model, input_size)}
     spatial = [name for name, layer in outputs.items() if len(layer.shape) == 4 and layer.has_conv]
     hint = ", ".join(spatial[-8:])
@@ -102,8 +140,9 @@ def check_target_layer(model: nn.Module, layer_name: str, input_size: tuple[int,
             f"module {layer_name!r} does not run in the forward pass (or returns "
             f"no tensor); the last feature maps are: {hint}"
         )
-    if len(layer.shape) != 4:
+    if len(layer.shape) not in (3, 4):
         raise ValueError(
             f"module {layer_name!r} outputs shape {layer.shape}, not an (N, K, h, w) feature "
             f"map; the last feature maps are: {hint}"
         )
+    return read_layout(model, layer_name, layer.shape, input_size, layout)

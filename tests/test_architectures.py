@@ -17,7 +17,12 @@ import yaml
 from captum.attr import LayerGradCam
 from torch import nn
 
-from camserve.architectures import build_model
+from camserve.architectures import (
+    build_model,
+    constructor_options,
+    load_weights,
+    read_state_dict,
+)
 from camserve.compensation import RELATIVE_TOLERANCE, probe_compensable
 from camserve.explainer import Explainer, ExplainerConfig
 from camserve.gradcam import GradCam
@@ -280,3 +285,30 @@ def test_labels_are_required_for_non_imagenet_heads(tmp_path):
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), weights)
     with pytest.raises(ValueError, match="the weights have 3 classes: give their names"):
         build_model_archive("x", tmp_path, weights=weights, architecture="resnet18")
+
+
+@pytest.mark.parametrize(("arch", "aux"), [("googlenet", "aux1."), ("inception_v3", "AuxLogits.")])
+@pytest.mark.parametrize("aux_logits", [False, True])
+def test_weights_with_or_without_auxiliary_heads_load(tmp_path, arch, aux, aux_logits):
+    """torchvision's own ImageNet weights for these drop the auxiliary heads
+    (``aux_logits=False``); weights trained from the default constructor keep them."""
+    torch.manual_seed(0)
+    trained = torchvision.models.get_model(arch, aux_logits=aux_logits, init_weights=False)
+    path = tmp_path / f"{arch}.pth"
+    torch.save(trained.state_dict(), path)
+    state = read_state_dict(path)
+    assert constructor_options(arch, state)["aux_logits"] is aux_logits
+    model = load_weights(build_model(arch, 1000, state=state), state)  # strict
+    assert any(key.startswith(aux) for key in model.state_dict()) is aux_logits
+
+
+def test_googlenet_archive_accepts_weights_without_auxiliary_heads(tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "googlenet.pth"
+    trained = torchvision.models.googlenet(aux_logits=False, init_weights=False)
+    torch.save(trained.state_dict(), weights)
+    summary = write_model_dir(
+        tmp_path / "model", weights, "googlenet", preprocessing=make_preprocessing(SIZE)
+    )
+    assert summary.target_layer == "inception5b" and summary.compensable
+    assert Explainer.from_directory(tmp_path / "model").config.target_layer == "inception5b"

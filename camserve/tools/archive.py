@@ -26,6 +26,7 @@ from PIL import Image
 import camserve
 from camserve.architectures import (
     build_model,
+    check_input_size,
     imagenet_categories,
     infer_num_classes,
     load_weights,
@@ -213,6 +214,7 @@ def write_model_dir(
     model_class: str | None = None,
     topk: int = 5,
     serving: dict | None = None,
+    target_layout: str | None = None,
 ) -> ModelSummary:
     """Validate a model and write a model folder (weights, labels, ``model-config.yaml``)
     that ``build_archive`` packs. Raises ``ValueError`` with a clear message on bad input."""
@@ -234,16 +236,17 @@ def write_model_dir(
 
     state = read_state_dict(weights)
     label_list, labels_from = _labels(architecture, state, labels, model_file)
-    model = build_model(architecture, len(label_list), model_file, model_class)
+    model = build_model(architecture, len(label_list), model_file, model_class, state=state)
     load_weights(model, state)
     model.eval()
     size = preprocessing.input_size
+    check_input_size(model, size)
     auto = target_layer is None
     if auto:
         target_layer = auto_target_layer(model, size)
         log.info("target layer for %s: %r (picked automatically)", architecture, target_layer)
-    else:
-        check_target_layer(model, target_layer, size)
+    # Refuses a layer whose output has no known channel axis (camserve.grid).
+    layout = check_target_layer(model, target_layer, size, target_layout)
     with torch.no_grad():
         outputs = model(torch.zeros(1, 3, *size))
     if outputs.dim() != 2 or outputs.shape[1] != len(label_list):
@@ -251,7 +254,7 @@ def write_model_dir(
             f"the model outputs shape {tuple(outputs.shape)}, but there are {len(label_list)} "
             "labels: a classifier must output (N, number of labels) logits"
         )
-    report = probe_compensable(model, target_layer, size)
+    report = probe_compensable(model, target_layer, size, layout=layout)
     log.info(report.log_line(target_layer))
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -267,6 +270,7 @@ def write_model_dir(
         topk=min(topk, len(label_list)),
         model_file=model_file.name if model_file is not None else None,
         model_class=model_class if model_file is not None else None,
+        target_layout=target_layout,
     ).to_handler_section()
     if model_file is not None:
         shutil.copy2(model_file, out_dir / model_file.name)

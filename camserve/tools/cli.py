@@ -17,7 +17,7 @@ PROGRESS_MIN_IMAGES = 8
 
 MODEL_OPTIONS = (
     "weights", "labels", "target_layer", "input_size", "resize", "center_crop", "mean", "std",
-    "model_class", "topk", "batch_size",
+    "model_class", "topk", "batch_size", "target_layout",
 )  # fmt: skip
 
 
@@ -54,6 +54,7 @@ def _archive(args: argparse.Namespace) -> int:
         preprocessing=preprocessing,
         model_file=args.model_file,
         model_class=args.model_class,
+        target_layout=args.target_layout,
         topk=args.topk or 5,
         serving={"batchSize": args.batch_size} if args.batch_size else None,
     )
@@ -197,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     archive.add_argument("--weights", type=Path, help="state_dict file (loaded weights_only)")
     archive.add_argument("--labels", type=Path, help="index_to_name.json or one label a line")
     archive.add_argument("--target-layer", help="Grad-CAM layer (default: picked automatically)")
+    archive.add_argument(
+        "--target-layout",
+        help="how the target layer's output holds its grid, for a model whose family camserve "
+        "does not know: nchw, nhwc, tokens (N, h*w, C) or cls_tokens (N, 1 + h*w, C)",
+    )  # fmt: skip
     archive.add_argument("--input-size", help="network input, 224 or HxW (default 224)")
     archive.add_argument("--resize", help="shorter side (256) or HxW (default input*256/224)")
     archive.add_argument("--center-crop", help="HxW (default: the input size), or none")
