@@ -153,9 +153,7 @@ class GridLayer(nn.Module):
         return from_grid(self.grid(grid), self.layout, prefix)
 
 
-def attach_grid(
-    model: nn.Module, layer_name: str, layout: str, input_size: tuple[int, int]
-) -> str:
+def attach_grid(model: nn.Module, layer_name: str, layout: str, input_size: tuple[int, int]) -> str:
     """Wrap ``layer_name`` in a ``GridLayer`` (after the weights are loaded: its parameters'
     names change) and return the tap's name; an (N, C, h, w) layer is returned as it is."""
     if layout == NCHW:
@@ -178,8 +176,6 @@ def detach_grid(model: nn.Module, layer_name: str) -> None:
         setattr(parent, child, wrapper.layer)
 
 
-
-
 def output_shape(model: nn.Module, layer_name: str, input_size: tuple[int, int]) -> tuple:
     """The shape of ``layer_name``'s output for one blank image (None: no tensor output)."""
     seen: list = []
@@ -192,7 +188,9 @@ def output_shape(model: nn.Module, layer_name: str, input_size: tuple[int, int])
     finally:
         handle.remove()
     if not seen or seen[-1] is None:
-        raise ValueError(f"module {layer_name!r} does not run in the forward pass (or returns no tensor)")
+        raise ValueError(
+            f"module {layer_name!r} does not run in the forward pass (or returns no tensor)"
+        )
     return tuple(seen[-1])
 
 
