@@ -120,12 +120,13 @@ def compare_with_pytorch_grad_cam(explainer: Explainer, size: int, images: int =
     x = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(5))
     result = explainer.gradcam(x)
     ours = torch.nn.functional.interpolate(
-        result.grad_cam[:, None], size=(size, size), mode="bilinear", align_corners=False
+        result.explained.grad_cam[:, None], size=(size, size), mode="bilinear", align_corners=False
     )[:, 0]
     transform = reshape_transform if wrapped else None
     with GradCAM(model=model, target_layers=[layer], reshape_transform=transform) as cam:
-        theirs = cam(
-            input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in result.targets]
+        theirs = cam(  # the model is frozen: the graph starts at the input
+            input_tensor=x.clone().requires_grad_(True),
+            targets=[ClassifierOutputTarget(int(t)) for t in result.explained.classes],
         )
     correlations = [
         float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])

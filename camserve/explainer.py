@@ -23,10 +23,11 @@ from PIL import Image
 from torch import Tensor, nn
 
 from camserve import maps
-from camserve.architectures import build_model, load_weights
+from camserve.architectures import build_model, check_input_size, load_weights, read_state_dict
 from camserve.compensation import CompensationReport, probe_compensable
 from camserve.decode import DEFAULT_MAX_PIXELS, decode_image
 from camserve.gradcam import ClassMaps, GradCam, GradCamBatch
+from camserve.grid import attach_target
 from camserve.labels import load_labels, resolve_target
 from camserve.layers import auto_target_layer
 from camserve.preprocess import Preprocessing
@@ -59,6 +60,7 @@ class ExplainerConfig:
     calibration: str | None = None
     model_file: str | None = None
     model_class: str | None = None
+    target_layout: str | None = None  # camserve.grid layout, for a model file's layer
     # Per-class metric series (camserve.telemetry); only for models with few classes.
     class_metrics: bool = False
 
@@ -67,6 +69,7 @@ class ExplainerConfig:
         known = {
             "architecture", "weights", "target_layer", "preprocessing", "labels", "topk",
             "epsilon", "threshold", "max_pixels", "calibration", "model_file", "model_class",
+            "target_layout",
             "class_metrics",
         }  # fmt: skip
         unknown = set(section) - known
@@ -88,6 +91,7 @@ class ExplainerConfig:
             calibration=section.get("calibration"),
             model_file=section.get("model_file"),
             model_class=section.get("model_class"),
+            target_layout=section.get("target_layout"),
             class_metrics=bool(section.get("class_metrics", False)),
         )
 
@@ -103,7 +107,7 @@ class ExplainerConfig:
             "max_pixels": self.max_pixels,
             "preprocessing": self.preprocessing.to_dict(),
         }
-        for key in ("calibration", "model_file", "model_class"):
+        for key in ("calibration", "model_file", "model_class", "target_layout"):
             if getattr(self, key) is not None:
                 section[key] = getattr(self, key)
         if self.class_metrics:
@@ -171,13 +175,15 @@ class Explanation:
 def load_model(directory: str | Path, config: ExplainerConfig, num_classes: int) -> nn.Module:
     """The configured architecture (or model file) with its weights, from a model folder."""
     directory = Path(directory)
+    state = read_state_dict(directory / config.weights)
     model = build_model(
         config.architecture,
         num_classes,
         model_file=directory / config.model_file if config.model_file else None,
         model_class=config.model_class,
+        state=state,  # constructor arguments the weights fix (camserve.architectures)
     )
-    return load_weights(model, directory / config.weights)
+    return load_weights(model, state)
 
 
 def load_calibration(path: str | Path, layer: str | None = None) -> ChannelStatistics:
@@ -213,13 +219,16 @@ class Explainer:
         self.config = config
         self.device = torch.device(device)
         self.served = ServedModel(name, labels, config.target_layer, config.preprocessing)
+        size = config.preprocessing.input_size
+        check_input_size(model, size)
+        # Explained at the layer's (N, C, h, w) grid: the layer itself, or the tap that
+        # camserve.grid attaches to a channels-last or token layer (refused without one).
+        grid = attach_target(model, config.target_layer, size, config.target_layout)
         if compensation is None:
-            compensation = probe_compensable(
-                model, config.target_layer, config.preprocessing.input_size
-            )
+            compensation = probe_compensable(model, grid, size)
         self.compensation = compensation
         log.info(compensation.log_line(config.target_layer))
-        self.gradcam = GradCam(model.to(self.device), config.target_layer)
+        self.gradcam = GradCam(model.to(self.device), grid)
         self.calibration = calibration
 
     @classmethod

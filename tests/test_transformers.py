@@ -128,16 +128,22 @@ def test_map_equals_captum(transformers, arch):
     x = inputs(arch, 2, seed=1)
     result = GradCam(model, tap)(x)
     captum = LayerGradCam(model, model.get_submodule(tap))
-    expected = captum.attribute(x, target=result.targets.tolist(), relu_attributions=True)[:, 0]
+    expected = captum.attribute(
+        x, target=result.explained.classes.tolist(), relu_attributions=True
+    )[:, 0]
     grid = {"swin_t": 2, "swin_s": 2, "swin_v2_t": 2, "vit_b_16": 4, "vit_b_32": 2}
     h = grid.get(arch, 7)
-    assert result.grad_cam.shape == expected.shape == (2, h, h)
-    assert result.alpha.shape[1] == (512 if arch == "maxvit_t" else 768)
+    assert result.explained.grad_cam.shape == expected.shape == (2, h, h)
+    assert result.explained.alpha.shape[1] == (512 if arch == "maxvit_t" else 768)
     scale = expected.abs().max().clamp_min(1e-30)
-    torch.testing.assert_close(result.grad_cam / scale, expected / scale, atol=1e-5, rtol=0)
-    by_hand = hand_grad_cam(model, layer, layout, x, result.targets)
-    torch.testing.assert_close(result.grad_cam / scale, by_hand / scale, atol=1e-5, rtol=0)
-    assert result.grad_cam.sum() > 0
+    torch.testing.assert_close(
+        result.explained.grad_cam / scale, expected / scale, atol=1e-5, rtol=0
+    )
+    by_hand = hand_grad_cam(model, layer, layout, x, result.explained.classes)
+    torch.testing.assert_close(
+        result.explained.grad_cam / scale, by_hand / scale, atol=1e-5, rtol=0
+    )
+    assert result.explained.grad_cam.sum() > 0
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -172,7 +178,10 @@ def test_swin_probe_shifts_channels_not_rows(transformers):
     assert check_target_layer(model, "features", size("swin_t")) == NHWC
     with grid_tap(model, "features", size("swin_t")) as tap:
         result = GradCam(model, tap)(inputs("swin_t", 1, seed=2))
-        assert result.grad_cam.shape == (1, 2, 2) and result.alpha.shape == (1, 768)
+        assert result.explained.grad_cam.shape == (1, 2, 2) and result.explained.alpha.shape == (
+            1,
+            768,
+        )
     # The channel shift at features meets the final LayerNorm: not compensable, measured.
     report = probe_compensable(model, "features", size("swin_t"))
     assert not report.compensable and report.absorbing_layer == "head"
@@ -262,7 +271,7 @@ def test_vit_archive_records_and_enforces_the_trained_input_size(tmp_path, vit_w
     explainer = Explainer.from_directory(tmp_path / "vit")
     image = torchvision.transforms.v2.functional.to_pil_image(torch.rand(3, 80, 90))
     [result] = explainer.explain([explainer.prepare_image(image)])
-    assert result.grad_cam.shape == (2, 2) and not explainer.compensation.compensable
+    assert result.explained.grad_cam.shape == (2, 2) and not explainer.compensation.compensable
     # At load too: an archive whose config was edited to another size is refused.
     config["handler"]["preprocessing"]["center_crop"] = [96, 96]
     config["handler"]["preprocessing"]["input_size"] = [96, 96]
@@ -342,11 +351,11 @@ def test_custom_transformer_with_an_explicit_layer_and_layout(tmp_path, capsys):
     explainer = Explainer.from_directory(tmp_path / "unpacked")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     result = explainer.gradcam(x)
-    assert result.grad_cam.shape == (2, 4, 4) and result.alpha.shape == (2, 32)
+    assert result.explained.grad_cam.shape == (2, 4, 4) and result.explained.alpha.shape == (2, 32)
     model = explainer.model
     expected = LayerGradCam(model, model.get_submodule(explainer.gradcam.layer_name)).attribute(
-        x, target=result.targets.tolist(), relu_attributions=True
+        x, target=result.explained.classes.tolist(), relu_attributions=True
     )[:, 0]
-    torch.testing.assert_close(result.grad_cam, expected, atol=1e-5, rtol=0)
-    by_hand = hand_grad_cam(model, "blocks.1.norm1", CLS_TOKENS, x, result.targets)
-    torch.testing.assert_close(result.grad_cam, by_hand, atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.explained.grad_cam, expected, atol=1e-5, rtol=0)
+    by_hand = hand_grad_cam(model, "blocks.1.norm1", CLS_TOKENS, x, result.explained.classes)
+    torch.testing.assert_close(result.explained.grad_cam, by_hand, atol=1e-5, rtol=0)

@@ -186,7 +186,7 @@ def calibrate_model_dir(
     config = explainer.config
     statistics = activation_statistics(
         explainer.model,
-        config.target_layer,
+        explainer.gradcam.layer_name,  # the layer's (N, C, h, w) grid (camserve.grid)
         batched(images, config.preprocessing, batch_size),
         total_images,
         progress,
