@@ -95,13 +95,19 @@ def read_layout(
     layout = layout if given else family_layout(model, layer_name, shape)
     if layout is not None and grid_size(layout, shape, tuple(input_size)) is not None:
         return layout
-    how = "the given layout" if given else "the layout of its model family"
-    seen = f"as {layout} ({LAYOUTS[layout]})" if layout else "with a known channel axis"
+    if layout is None:
+        why = "its layout is not known (a token sequence needs --target-layout)"
+    else:
+        how = "the given layout" if given else "its family's layout"
+        why = (
+            f"read as {layout} {LAYOUTS[layout]}, {how}, it has no grid that fits the "
+            "input's size and aspect"
+        )
     raise ValueError(
         f"module {layer_name!r} outputs shape {tuple(shape)} at input size "
-        f"{tuple(input_size)}, which cannot be read {seen} by {how}: camserve explains only "
-        "(N, C, h, w) grids with a known channel axis. Name another --target-layer, or give "
-        f"--target-layout ({', '.join(LAYOUTS)})"
+        f"{tuple(input_size)}: {why}. camserve explains only (N, C, h, w) grids with a known "
+        f"channel axis: name another --target-layer, or give --target-layout "
+        f"({', '.join(LAYOUTS)})"
     )
 
 

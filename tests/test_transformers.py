@@ -219,7 +219,9 @@ def test_unknown_channels_last_layer_is_refused_unless_its_layout_is_given():
         check_target_layer(model, "features", (32, 32))
     with pytest.raises(ValueError, match="known channel axis"):
         probe_compensable(model, "features", (32, 32))
-    with pytest.raises(ValueError, match="cannot be read as tokens"):
+    with pytest.raises(
+        ValueError, match=r"read as tokens \(N, h\*w, C\).*, the given layout, it has no grid"
+    ):
         check_target_layer(model, "features", (32, 32), layout="tokens")
     assert check_target_layer(model, "features", (32, 32), layout=NHWC) == NHWC
     with grid_tap(model, "features", (32, 32), NHWC) as tap:
