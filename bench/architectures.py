@@ -4,6 +4,7 @@ image at batch 1 (random weights, 224x224, 2 threads), next to a plain forward.
     python -m bench.architectures                      # all supported architectures
     python -m bench.architectures --arch resnet50 vgg16 --repeats 5
     python -m bench.architectures --arch swin_t vit_b_16 --compare-grad-cam swin_t vit_b_16
+    python -m bench.architectures --arch vit_b_16 --profile vit_b_16   # where the time goes
 
 Writes bench/results/<date>-architectures.json with the machine description and the command.
 ``--compare-grad-cam`` adds, per named architecture, the Pearson correlation between
@@ -49,7 +50,9 @@ def random_model(arch: str) -> nn.Module:
     return model
 
 
-def measure(arch: str, repeats: int, size: int, compare: bool = False) -> dict:
+def measure(
+    arch: str, repeats: int, size: int, compare: bool = False, profile: bool = False
+) -> dict:
     model = random_model(arch)
     config = ExplainerConfig(
         architecture=arch,
@@ -91,7 +94,37 @@ def measure(arch: str, repeats: int, size: int, compare: bool = False) -> dict:
     }
     if compare:
         row["pytorch_grad_cam"] = compare_with_pytorch_grad_cam(explainer, size)
+    if profile:
+        row["profile"] = profile_explained(explainer, prepared)
     return row
+
+
+def profile_explained(explainer: Explainer, prepared, calls: int = 3) -> dict:
+    """Where an explained image's time goes (torch.profiler, CPU): the share spent in the
+    Grad-CAM backward (autograd's evaluate_function events, children included) and the
+    operators with the most self time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    explainer.explain([prepared])
+    with torch_profile(activities=[ProfilerActivity.CPU]) as recorded:
+        for _ in range(calls):
+            explainer.explain([prepared])
+    events = recorded.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    backward = sum(
+        event.cpu_time_total
+        for event in events
+        if event.key.startswith("autograd::engine::evaluate_function")
+    )
+    top = sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)[:10]
+    return {
+        "calls": calls,
+        "backward_share": round(backward / total, 3),
+        "top_self_cpu": [
+            {"op": event.key, "share": round(event.self_cpu_time_total / total, 3)} for event in top
+        ],
+    }
 
 
 def compare_with_pytorch_grad_cam(explainer: Explainer, size: int, images: int = 8) -> dict:
@@ -152,11 +185,17 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-grad-cam", nargs="*", default=[], metavar="ARCH",
         help="also correlate these architectures' maps with pytorch-grad-cam's",
     )  # fmt: skip
+    parser.add_argument(
+        "--profile", nargs="*", default=[], metavar="ARCH",
+        help="also profile these architectures' explained images (torch.profiler)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for arch in args.arch:
-        row = measure(arch, args.repeats, args.size, arch in args.compare_grad_cam)
+        row = measure(
+            arch, args.repeats, args.size, arch in args.compare_grad_cam, arch in args.profile
+        )
         rows.append(row)
         print(
             f"{arch:20s} {row['target_layer']:14s} compensable={row['compensable']!s:5s} "
