@@ -10,6 +10,7 @@ reaches the head, input sizes other than the trained one; and a custom transform
 from __future__ import annotations
 
 import zipfile
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from camserve.architectures import build_model
 from camserve.compensation import RELATIVE_TOLERANCE, probe_compensable
-from camserve.explainer import Explainer
+from camserve.explainer import Explainer, ExplainerConfig
 from camserve.gradcam import GradCam
 from camserve.grid import CLS_TOKENS, NCHW, NHWC, GridLayer, attach_target, grid_tap
 from camserve.layers import auto_target_layer, check_target_layer
@@ -362,3 +363,20 @@ def test_custom_transformer_with_an_explicit_layer_and_layout(tmp_path, capsys):
     torch.testing.assert_close(result.explained.grad_cam, expected, atol=1e-5, rtol=0)
     by_hand = hand_grad_cam(model, "blocks.1.norm1", CLS_TOKENS, x, result.explained.classes)
     torch.testing.assert_close(result.explained.grad_cam, by_hand, atol=1e-5, rtol=0)
+
+
+def test_explainer_refuses_at_load_what_the_archive_refuses():
+    """A model-config.yaml edited by hand gets the same checks when the archive loads."""
+    torch.manual_seed(0)
+    config = ExplainerConfig(
+        architecture="ChannelsLast",
+        weights="unused",
+        target_layer="features",
+        preprocessing=make_preprocessing(32, crop=False),
+    )
+    labels = [str(i) for i in range(5)]
+    with pytest.raises(ValueError, match="known channel axis"):
+        Explainer(ChannelsLast().eval(), labels, config)
+    explainer = Explainer(ChannelsLast().eval(), labels, replace(config, target_layout=NHWC))
+    assert explainer.gradcam.layer_name == "features.grid" and explainer.compensation.compensable
+    assert explainer.config.to_handler_section()["target_layout"] == NHWC
