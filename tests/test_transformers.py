@@ -28,6 +28,7 @@ from camserve.layers import auto_target_layer, check_target_layer
 from camserve.tools.archive import make_preprocessing, write_model_dir
 from camserve.tools.cli import main as camserve
 from tests.oracles import oracle
+from tests.test_architectures import _one_thread  # noqa: F401 - autouse here too
 
 VIT_LAST = "encoder.layers.encoder_layer_11"
 
@@ -45,15 +46,6 @@ EXPECTED = {
 GRID = {"vit_b_16": (4, 768), "maxvit_t": (7, 512)}  # the others: (2, 768)
 ARCHITECTURES = list(EXPECTED)
 COMPENSABLE = [arch for arch, expected in EXPECTED.items() if expected[-1]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small inputs gain nothing from a second thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def random_model(arch: str) -> nn.Module:
