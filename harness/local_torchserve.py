@@ -310,6 +310,21 @@ class LocalTorchServe:
         text = path.read_text(errors="replace").splitlines() if path.exists() else []
         return " / ".join(line.strip() for line in text[-lines:] if line.strip()) or "no output"
 
+    def wait_for_log(self, text: str, timeout: float = 30.0, name: str = "model_log.log") -> bool:
+        """Whether ``text`` appears in one of the server's logs within ``timeout`` seconds.
+
+        TorchServe copies a worker's log lines to ``model_log.log`` after it answered, so a
+        line about a request may arrive a moment after its response.
+        """
+        path = self.workdir / "logs" / name
+        deadline = time.monotonic() + timeout
+        while True:
+            if path.exists() and text in path.read_text(errors="replace"):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
     def log_tail(self, lines: int = 40) -> str:
         logs = self.workdir / "logs"
         chunks = []

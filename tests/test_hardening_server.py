@@ -48,10 +48,6 @@ def post_batch(server: LocalTorchServe, requests_: list[tuple[bytes, dict]]) -> 
         return list(pool.map(lambda r: post(server, *r), requests_))
 
 
-def model_log(server: LocalTorchServe) -> str:
-    return (server.workdir / "logs" / "model_log.log").read_text(errors="replace")
-
-
 def good_samples(count: int, start: int = 40) -> list:
     return [held_out(i) for i in range(start, start + count)]
 
@@ -102,7 +98,7 @@ def assert_worker_alive(server: LocalTorchServe) -> None:
 
 def test_the_worker_reads_the_frontends_max_response_size(limited_server):
     config = limited_server.config_path
-    assert f"max_response_size={limited_server.limit} ({config})" in model_log(limited_server)
+    assert limited_server.wait_for_log(f"max_response_size={limited_server.limit} ({config})")
 
 
 def test_hostile_json_in_a_batch_leaves_the_good_images_answered(limited_server):
@@ -127,7 +123,7 @@ def test_hostile_json_in_a_batch_leaves_the_good_images_answered(limited_server)
         assert_error(reply, code, status)
     for reply, sample in zip(replies[len(attacks) :], good, strict=True):
         assert_right_class(reply, sample)
-    assert f"camserve batch: {BATCH} items, {len(attacks)} rejected" in model_log(limited_server)
+    assert limited_server.wait_for_log(f"camserve batch: {BATCH} items, {len(attacks)} rejected")
     assert_worker_alive(limited_server)
 
 

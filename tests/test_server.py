@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
@@ -24,15 +23,6 @@ def post(server, data=None, path="predictions", headers=None, **kwargs):
     return requests.post(
         f"{server.inference_url}/{path}/shapes", data=data, headers=headers, timeout=60, **kwargs
     )
-
-
-def wait_for_log(server, text: str, timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if text in (server.workdir / "logs" / "model_log.log").read_text():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def assert_explains(response, label):
@@ -135,6 +125,6 @@ def test_corrupt_image_in_a_concurrent_batch(batching_server):
     assert responses[3].status_code == 422
     assert responses[3].json()["code"] == "undecodable_image"
     # TorchServe copies the worker's log line to model_log.log after it has answered.
-    assert wait_for_log(batching_server, "camserve batch: 4 items, 1 rejected")
+    assert batching_server.wait_for_log("camserve batch: 4 items, 1 rejected")
     # The worker stayed up and still answers.
     assert_explains(post(batching_server, bodies[0]), CLASSES[samples[0].label])
