@@ -32,6 +32,7 @@ from camserve.labels import load_labels, resolve_target
 from camserve.layers import auto_target_layer
 from camserve.preprocess import Preprocessing
 from camserve.request import ParsedRequest, RequestOptions
+from camserve.telemetry import ScoreBaseline
 from camserve.zero_reference import (
     ChannelStatistics,
     ScoreSettings,
@@ -199,11 +200,18 @@ def load_calibration(path: str | Path, layer: str | None = None) -> ChannelStati
     )
 
 
+def load_score_baseline(path: str | Path) -> ScoreBaseline | None:
+    """The calibration images' top-1 score bands (the drift baseline), if the file has them."""
+    return ScoreBaseline.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
 class Explainer:
     """The pipeline for one model: prepare requests, then explain them in batches.
 
     ``device`` is where the model, Grad-CAM and the score run; results come back on the CPU.
     """
+
+    score_baseline: ScoreBaseline | None = None  # from_directory sets it for a calibrated model
 
     def __init__(
         self,
@@ -253,7 +261,12 @@ class Explainer:
             if config.calibration
             else None
         )
-        return cls(model, labels, config, calibration, name=name or directory.name, device=device)
+        explainer = cls(
+            model, labels, config, calibration, name=name or directory.name, device=device
+        )
+        if config.calibration:
+            explainer.score_baseline = load_score_baseline(directory / config.calibration)
+        return explainer
 
     @property
     def model(self) -> nn.Module:

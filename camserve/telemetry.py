@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from camserve.errors import ERROR_CODES
@@ -33,6 +34,10 @@ CLASS_EXPLANATIONS = "camserve_class_explanations_total"
 CLASS_UNSTABLE = "camserve_class_unstable_explanations_total"
 SCORE = "camserve_zero_reference_score"
 STAGE_SECONDS = "camserve_stage_duration_seconds"
+BASELINE_SHARE = "camserve_zero_reference_score_baseline_share"
+BASELINE_IMAGES = "camserve_zero_reference_score_baseline_images"
+# TorchServe's own name (BaseHandler.handle records it; camserve's handler overrides handle).
+HANDLER_TIME = "HandlerTime"
 
 METRICS = {
     EXPLANATIONS: "counter",
@@ -43,10 +48,16 @@ METRICS = {
     CLASS_EXPLANATIONS: "counter",
     CLASS_UNSTABLE: "counter",
     COMPENSABLE: "gauge",
+    BASELINE_SHARE: "gauge",
+    BASELINE_IMAGES: "gauge",
     SCORE: "histogram",
     STAGE_SECONDS: "histogram",
 }
 """Every camserve metric and its type; a test checks this against config/metrics.yaml."""
+_TYPES = {**METRICS, HANDLER_TIME: "gauge"}
+# Explanation metrics carry requested="true|false": a class the client chose (``target``) or
+# the model's top-1. Alerts and the drift baseline look at the top-1 only (docs/monitoring.md).
+REQUESTED_VALUES = ("false", "true")
 
 STAGES = ("decode", "forward_gradcam", "score", "encode")
 INTERNAL_ERROR = "internal_error"
@@ -63,6 +74,43 @@ def score_band(score: float) -> str:
     """The 0.1-wide band holding ``score``: [0, 0.1) -> "0.0-0.1", ..., [0.9, 1] -> "0.9-1.0"."""
     index = int(min(max(score, 0.0), 1.0) * BAND_COUNT)
     return SCORE_BANDS[min(index, BAND_COUNT - 1)]
+
+
+@dataclass(frozen=True)
+class ScoreBaseline:
+    """The score distribution of a model's calibration images, in ``SCORE_BANDS``.
+
+    ``camserve calibrate`` computes it from the top-1 explanations of the calibration images
+    and stores it in the calibration file; exported at load, it is what the live band shares
+    of unrequested explanations are compared with (the drift rule in config/prometheus).
+    """
+
+    shares: dict[str, float]  # band -> share of the images, summing to 1
+    images: int
+
+    @classmethod
+    def from_scores(cls, scores: Iterable[float]) -> ScoreBaseline:
+        counts = dict.fromkeys(SCORE_BANDS, 0)
+        for score in scores:
+            counts[score_band(score)] += 1
+        total = sum(counts.values())
+        if total == 0:
+            raise ValueError("no scores for a baseline")
+        return cls({band: count / total for band, count in counts.items()}, total)
+
+    def to_dict(self) -> dict:
+        """The entries it adds to the calibration file (plain types: ``weights_only`` loads)."""
+        return {"score_baseline": dict(self.shares), "score_baseline_images": self.images}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ScoreBaseline | None:
+        """From a calibration file's dict; None for a file written before baselines existed."""
+        if "score_baseline" not in data:
+            return None
+        shares = {str(band): float(share) for band, share in data["score_baseline"].items()}
+        if set(shares) != set(SCORE_BANDS) or abs(sum(shares.values()) - 1) > 1e-6:
+            raise ValueError(f"a score baseline needs shares of the bands {SCORE_BANDS}")
+        return cls(shares, int(data["score_baseline_images"]))
 
 
 def class_label_value(label: str) -> str:
@@ -110,7 +158,7 @@ class Telemetry:
 
     def _record(self, name: str, value: float, *labels: str) -> None:
         try:
-            metric = self.cache.get_metric(name, self.metric_types(METRICS[name]))
+            metric = self.cache.get_metric(name, self.metric_types(_TYPES[name]))
             metric.add_or_update(value, [*labels, self.model_name, LEVEL])
         except Exception as err:  # noqa: BLE001 - a metrics problem must never fail a prediction
             # Typically a server started without camserve's metrics.yaml: say so once per
@@ -124,36 +172,46 @@ class Telemetry:
                     err,
                 )
 
-    def loaded(self, compensable: bool) -> None:
-        """At model load: set the gauge and create every counter series at 0.
+    def loaded(self, compensable: bool, baseline: ScoreBaseline | None = None) -> None:
+        """At model load: set the gauges and create every counter series at 0.
 
         Without the zeros a series would appear at its first increment, and Prometheus's
-        ``rate``/``increase`` cannot see the step from "absent" to 1.
+        ``rate``/``increase`` cannot see the step from "absent" to 1. Without a ``baseline``
+        (an uncalibrated archive) the baseline-images gauge is 0 and no share series exists,
+        so the drift rule has nothing to compare with and stays silent.
         """
         self._record(COMPENSABLE, 1.0 if compensable else 0.0)
-        for name in (EXPLANATIONS, UNSTABLE, EMPTY_MAPS):
-            self._record(name, 0)
-        for band in SCORE_BANDS:
-            self._record(SCORE_BANDS_METRIC, 0, band)
+        self._record(BASELINE_IMAGES, float(baseline.images) if baseline else 0.0)
+        for band, share in (baseline.shares if baseline else {}).items():
+            self._record(BASELINE_SHARE, share, band)
+        for requested in REQUESTED_VALUES:
+            for name in (EXPLANATIONS, UNSTABLE, EMPTY_MAPS):
+                self._record(name, 0, requested)
+            for band in SCORE_BANDS:
+                self._record(SCORE_BANDS_METRIC, 0, band, requested)
         for reason in ERROR_REASONS:
             self._record(ERRORS, 0, reason)
         for label in self.class_labels or []:
             self._record(CLASS_EXPLANATIONS, 0, label)
             self._record(CLASS_UNSTABLE, 0, label)
 
-    def explained(self, result: ZeroReference, target: int | None = None) -> None:
-        """One explanation of class index ``target`` that was returned to a client."""
-        self._record(EXPLANATIONS, 1)
+    def explained(
+        self, result: ZeroReference, target: int | None = None, requested: bool = False
+    ) -> None:
+        """One explanation of class index ``target`` that was returned to a client;
+        ``requested``: the client chose the class, else it is the model's top-1."""
+        flag = REQUESTED_VALUES[requested]
+        self._record(EXPLANATIONS, 1, flag)
         if not result.stable:
-            self._record(UNSTABLE, 1)
+            self._record(UNSTABLE, 1, flag)
         if self.class_labels is not None and target is not None:
             self._record(CLASS_EXPLANATIONS, 1, self.class_labels[target])
             if not result.stable:
                 self._record(CLASS_UNSTABLE, 1, self.class_labels[target])
         if result.map_empty:
-            self._record(EMPTY_MAPS, 1)
-        self._record(SCORE, result.score)
-        self._record(SCORE_BANDS_METRIC, 1, score_band(result.score))
+            self._record(EMPTY_MAPS, 1, flag)
+        self._record(SCORE, result.score, flag)
+        self._record(SCORE_BANDS_METRIC, 1, score_band(result.score), flag)
 
     def error(self, code: str) -> None:
         self._record(ERRORS, 1, error_reason(code))
@@ -162,6 +220,16 @@ class Telemetry:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
         self._record(STAGE_SECONDS, seconds, stage)
+
+    @contextmanager
+    def handling(self) -> Iterator[None]:
+        """TorchServe's ``HandlerTime`` gauge: one batch through the handler, in ms (as
+        ``BaseHandler.handle`` records it), also when the block raises."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._record(HANDLER_TIME, round((time.perf_counter() - start) * 1000, 2))
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:

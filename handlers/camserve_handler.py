@@ -45,7 +45,9 @@ class CamServeHandler(BaseHandler):
             self.model_name,
             self.explainer.labels if self.explainer.config.class_metrics else None,
         )
-        self.telemetry.loaded(self.explainer.compensation.compensable)
+        self.telemetry.loaded(
+            self.explainer.compensation.compensable, self.explainer.score_baseline
+        )
         self.max_response_size, source = max_response_size(config_path=frontend_config_path())
         log.info("answers are limited to max_response_size=%d (%s)", self.max_response_size, source)
         _take_json_bodies_raw()
@@ -59,6 +61,10 @@ class CamServeHandler(BaseHandler):
         self.initialized = True
 
     def handle(self, data, context):
+        with self.telemetry.handling():  # HandlerTime, as BaseHandler.handle records it
+            return self._handle(data, context)
+
+    def _handle(self, data, context):
         if len(data) > len(context.request_processor or [None]):
             # The kservev2 envelope turns one request's inputs into several items that share
             # one HTTP status: refuse plainly (one image per v2 request) instead of a 503.
@@ -87,7 +93,8 @@ class CamServeHandler(BaseHandler):
             try:
                 with self.telemetry.timed("encode"):
                     responses[index] = self._answer(context, index, data[index], result)
-                self.telemetry.explained(result.explained.zero_reference, result.explained.index)
+                explained = result.explained
+                self.telemetry.explained(explained.zero_reference, explained.index, result.requested)
             except InputError as err:  # the answer does not fit max_response_size
                 responses[index] = self._error(context, index, err.code, err.message, err.status)
             except Exception as err:  # noqa: BLE001 - an encoder bug must not fail the batch

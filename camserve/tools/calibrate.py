@@ -5,11 +5,17 @@ channel k of the target layer, the mean and std of A^k over every image and posi
 With them the handler's reference becomes ``calibration_mean`` (mu_k = the dataset mean,
 docs/score.md#references) and the worst-case ball uses the dataset std. The file is a plain dict
 of tensors, loaded with ``weights_only=True`` by ``camserve.explainer.load_calibration``.
+
+A second pass explains the same images (top-1 class, with the new statistics) and stores the
+shares of their zero-reference scores in the ten score bands of ``camserve.telemetry``: the
+baseline that the server exports at load and the drift rule compares live traffic with
+(docs/monitoring.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import tempfile
@@ -28,6 +34,7 @@ from camserve.decode import decode_image
 from camserve.errors import InputError
 from camserve.explainer import Explainer
 from camserve.preprocess import Preprocessing
+from camserve.telemetry import ScoreBaseline
 from camserve.tools.archive import MODEL_CONFIG, build_archive
 from camserve.zero_reference import ChannelStatistics
 
@@ -147,8 +154,33 @@ def batched(
         yield torch.stack(pending)
 
 
+def score_baseline(
+    explainer: Explainer,
+    images: Iterable[Image.Image],
+    batch_size: int = 32,
+    total_images: int | None = None,
+    progress: bool = True,
+) -> ScoreBaseline:
+    """The top-1 zero-reference scores of ``images`` as shares of the telemetry's bands."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    scores: list[float] = []
+    iterator = iter(images)
+    with tqdm(total=total_images, unit="img", desc="score baseline", disable=not progress) as bar:
+        while batch := list(itertools.islice(iterator, batch_size)):
+            explained = explainer.explain([explainer.prepare_image(image) for image in batch])
+            scores += [item.explained.zero_reference.score for item in explained]
+            bar.update(len(batch))
+    return ScoreBaseline.from_scores(scores)
+
+
 def save_statistics(
-    statistics: ChannelStatistics, path: str | Path, layer: str, weights: Path, source: str
+    statistics: ChannelStatistics,
+    path: str | Path,
+    layer: str,
+    weights: Path,
+    source: str,
+    baseline: ScoreBaseline | None = None,
 ) -> None:
     """Write the calibration file; metadata ties it to the layer and the exact weights."""
     torch.save(
@@ -159,6 +191,7 @@ def save_statistics(
             "layer": layer,
             "weights_sha256": sha256(weights),
             "source": source,
+            **(baseline.to_dict() if baseline is not None else {}),
         },
         path,
     )
@@ -176,9 +209,13 @@ def calibrate_model_dir(
     total_images: int | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    baseline_images: Iterable[Image.Image] | None = None,
 ) -> ChannelStatistics:
     """Compute the statistics for the model in ``model_dir``, write ``calibration.pt`` there
-    and name it under ``calibration:`` in its ``model-config.yaml``."""
+    and name it under ``calibration:`` in its ``model-config.yaml``.
+
+    ``baseline_images`` (the same images again: ``images`` is read once) add the score
+    baseline; without them the file has none and the server reports no drift."""
     model_dir = Path(model_dir)
     section = yaml.safe_load((model_dir / MODEL_CONFIG).read_text())["handler"]
     section.pop("calibration", None)  # old statistics play no part (and may be missing)
@@ -191,9 +228,16 @@ def calibrate_model_dir(
         total_images,
         progress,
     )
+    baseline = None
+    if baseline_images is not None:
+        calibrated = Explainer(
+            explainer.model, explainer.labels, config, statistics, explainer.compensation,
+            device=explainer.device,
+        )  # fmt: skip
+        baseline = score_baseline(calibrated, baseline_images, batch_size, total_images, progress)
     save_statistics(
         statistics, model_dir / CALIBRATION_FILE, config.target_layer, model_dir / config.weights,
-        source,
+        source, baseline,
     )  # fmt: skip
     _name_calibration_in_config(model_dir / MODEL_CONFIG)
     log.info(
@@ -255,6 +299,7 @@ def calibrate_archive(
             total_images=len(files),
             batch_size=batch_size,
             progress=progress,
+            baseline_images=read_images(files, max_pixels, skip_unreadable),
         )
         version = manifest["model"].get("modelVersion", "1.0")
         return build_archive(unpacked, name, export_path, version), statistics

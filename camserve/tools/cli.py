@@ -91,6 +91,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         stats = calibrate.calibrate_model_dir(
             args.model_dir, images, f"{len(files)} files under {args.images}", len(files),
             args.batch_size,
+            baseline_images=calibrate.read_images(files, args.max_pixels, args.skip_unreadable),
         )  # fmt: skip
         print(f"wrote {args.model_dir / calibrate.CALIBRATION_FILE} ({stats.count} images)")
         return 0

@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     source = f"shapes training set (TRAIN_SEED), images 0..{args.count - 1}"
     stats = calibrate_model_dir(
-        args.model_dir, training_images(args.count), source, args.count, args.batch_size
-    )
+        args.model_dir, training_images(args.count), source, args.count, args.batch_size,
+        baseline_images=training_images(args.count),
+    )  # fmt: skip
     print(f"wrote {args.model_dir / CALIBRATION_FILE} ({stats.count} images)")
     return 0
 
