@@ -54,7 +54,8 @@ METRICS = {
     STAGE_SECONDS: "histogram",
 }
 """Every camserve metric and its type; a test checks this against config/metrics.yaml."""
-_TYPES = {**METRICS, HANDLER_TIME: "gauge"}
+RECORDED = {**METRICS, HANDLER_TIME: "gauge"}
+"""Every metric the handler records: camserve's and TorchServe's HandlerTime."""
 # Explanation metrics carry requested="true|false": a class the client chose (``target``) or
 # the model's top-1. Alerts and the drift baseline look at the top-1 only (docs/monitoring.md).
 REQUESTED_VALUES = ("false", "true")
@@ -158,7 +159,7 @@ class Telemetry:
 
     def _record(self, name: str, value: float, *labels: str) -> None:
         try:
-            metric = self.cache.get_metric(name, self.metric_types(_TYPES[name]))
+            metric = self.cache.get_metric(name, self.metric_types(RECORDED[name]))
             metric.add_or_update(value, [*labels, self.model_name, LEVEL])
         except Exception as err:  # noqa: BLE001 - a metrics problem must never fail a prediction
             # Typically a server started without camserve's metrics.yaml: say so once per

@@ -30,6 +30,12 @@ SCRAPE_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 JOB = "torchserve"
 READY_TIMEOUT_S = 60
 DEFAULT_WORKDIR = Path(".run/prometheus")
+# The pages `make monitor` prints: the explanation rate, the alerts, the scrape targets.
+UI_PAGES = {
+    "graph": "graph?g0.expr=sum%20by%20(requested)%20(camserve_explanations_total)&g0.tab=0",
+    "alerts": "alerts",
+    "targets": "targets",
+}
 INSTALL_HINT = (
     "install Debian's prometheus package (apt-get install prometheus), or run make monitor"
 )
@@ -137,6 +143,22 @@ class LocalPrometheus:
         """An instant query's result vector."""
         return self.api("query", query=expr)["result"]
 
+    def ui_url(self, page: str) -> str:
+        """The URL of a web UI page (``alerts``, ``graph?g0.expr=up``...) that answers 200 on
+        this Prometheus, after redirects. Upstream builds serve the React UI at ``/<page>``;
+        Debian's 2.42 package ships only the classic UI, under ``/classic/<page>``."""
+        tried = []
+        for prefix in ("", "/classic"):
+            url = f"{self.url}{prefix}/{page}"
+            try:
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    if response.status == 200:
+                        return response.geturl()
+                    tried.append(f"{url}: {response.status}")
+            except OSError as err:
+                tried.append(f"{url}: {err}")
+        raise RuntimeError(f"no UI page {page!r} answers: {'; '.join(tried)}")
+
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_file.exists():
             return "(no log)"
@@ -197,12 +219,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Prometheus is already running: {prometheus.url} (make monitor-stop)")
             return 0
         prometheus.start()
+        # Probed, not assumed: the UI's paths depend on how Prometheus was built.
+        pages = {name: prometheus.ui_url(page) for name, page in UI_PAGES.items()}
     except (FileNotFoundError, RuntimeError, TimeoutError, ValueError) as err:
         print(f"camserve monitor: error: {err}", file=sys.stderr)
         return 2
     print(f"Prometheus is up: {prometheus.url} (scraping TorchServe at {prometheus.target})")
-    print(f"  graph:   {prometheus.url}/graph?g0.expr=camserve_explanations_total")
-    print(f"  alerts:  {prometheus.url}/alerts")
+    for name, url in pages.items():
+        print(f"  {name + ':':8} {url}")
     print("Grafana: see docs/monitoring.md. Stop it with: make monitor-stop")
     return 0
 

@@ -30,9 +30,11 @@ from camserve import telemetry
 from camserve.encode_json import load_schema
 from camserve.errors import ERROR_CODES
 from camserve.request import ParsedRequest, RequestOptions
+from camserve.tools.calibrate import score_baseline
 from harness.local_prometheus import LocalPrometheus, executable, local_config
 from harness.local_prometheus import main as prometheus_main
 from harness.local_torchserve import LocalTorchServe, free_port
+from harness.shapes.dataset import TRAIN_SEED, render_sample
 from tests.conftest import CONFIG, REPO, held_out, png_bytes, shapes_variant_store
 
 METRICS_YAML = REPO / "config" / "metrics.yaml"
@@ -49,9 +51,16 @@ def declared(section: str) -> dict[str, tuple[str, list[str]]]:
     return {m["name"]: (kind, m["dimensions"]) for kind, items in spec.items() for m in items}
 
 
+def recorded_names() -> set[str]:
+    """The series the recording rules of config/prometheus/rules.yml write."""
+    rules = yaml.safe_load((PROMETHEUS_DIR / "rules.yml").read_text())
+    return {rule["record"] for group in rules["groups"] for rule in group["rules"]}
+
+
 def exported_names() -> set[str]:
-    """Every series name TorchServe exports with our metrics.yaml, plus Prometheus's ``up``."""
-    names = {"up"}
+    """Every series name TorchServe exports with our metrics.yaml, Prometheus's ``up`` and
+    what the recording rules write."""
+    names = {"up"} | recorded_names()
     for section in ("ts_metrics", "model_metrics"):
         for name, (kind, _) in declared(section).items():
             suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
@@ -59,7 +68,9 @@ def exported_names() -> set[str]:
     return names
 
 
-_PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+_PROMQL_KEYWORDS = {
+    "and", "or", "unless", "bool", "offset", "inf", "nan", "group_left", "group_right",
+}  # fmt: skip
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -88,9 +99,18 @@ def dashboard_exprs() -> list[str]:
     ]
 
 
-def alert_exprs() -> list[str]:
+def alert_names() -> set[str]:
     rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
-    return [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    return {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
+
+
+def rule_exprs() -> list[str]:
+    """The expressions of every alerting and recording rule."""
+    exprs = []
+    for name in ("alerts.yml", "rules.yml"):
+        rules = yaml.safe_load((PROMETHEUS_DIR / name).read_text())
+        exprs += [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    return exprs
 
 
 # --- metrics.yaml and the recorder -------------------------------------------------------
@@ -105,7 +125,7 @@ def test_metric_names_follow_prometheus_conventions():
 
 def test_metrics_yaml_declares_every_camserve_metric_with_model_dimensions_last():
     model_metrics = declared("model_metrics")
-    for name, kind in telemetry.METRICS.items():
+    for name, kind in telemetry.RECORDED.items():
         assert name in model_metrics, f"{name} is not declared in {METRICS_YAML}"
         declared_kind, dimensions = model_metrics[name]
         assert declared_kind == kind
@@ -152,12 +172,15 @@ def test_recorder_emits_what_torchserve_accepts(shapes_explainer, caplog):
     recorder = telemetry.Telemetry(cache, MetricTypes, MODEL)
     prepared = shapes_explainer.prepare_image(held_out(0).image)
     [result] = shapes_explainer.explain([prepared])
+    baseline = telemetry.ScoreBaseline.from_scores([0.05, 0.15, 0.15, 1.0])
     with caplog.at_level(logging.INFO):
-        recorder.loaded(True)
-        recorder.explained(result.explained.zero_reference)
-        recorder.error("unknown_target")
-        recorder.error("no_such_code")
-        recorder.stage("decode", 0.004)
+        recorder.loaded(True, baseline)
+        with recorder.handling():
+            recorder.explained(result.zero_reference)
+            recorder.explained(result.zero_reference, result.target, requested=True)
+            recorder.error("unknown_target")
+            recorder.error("no_such_code")
+            recorder.stage("decode", 0.004)
     lines = [r.getMessage() for r in caplog.records if "[METRICS]" in r.getMessage()]
     failures = ("Failed", "could not record")
     assert not [r for r in caplog.records if any(f in r.getMessage() for f in failures)]
@@ -169,27 +192,75 @@ def test_recorder_emits_what_torchserve_accepts(shapes_explainer, caplog):
         labels = dict(pair.split(":", 1) for pair in dims.split(","))
         assert list(labels)[-2:] == ["ModelName", "Level"]
         assert labels["ModelName"] == MODEL and labels["Level"] == "Model"
-        assert kind == telemetry.METRICS[name].upper()
-        emitted[(name, labels.get("reason") or labels.get("band") or labels.get("stage"))] += float(
-            value
+        assert kind == telemetry.RECORDED[name].upper()
+        label = labels.get("reason") or labels.get("band") or labels.get("stage")
+        emitted[(name, label, labels.get("requested"))] += float(value)
+    # loaded(): every counter series exists at 0, the gauges are set.
+    assert emitted[(telemetry.COMPENSABLE, None, None)] == 1.0
+    assert emitted[(telemetry.ERRORS, "unknown_target", None)] == 1
+    assert emitted[(telemetry.ERRORS, "internal_error", None)] == 1
+    assert emitted[(telemetry.ERRORS, "bad_option", None)] == 0 and (
+        (telemetry.ERRORS, "bad_option", None) in emitted
+    )
+    # The same result, once as the top-1 and once as a requested class.
+    unstable = 0 if result.zero_reference.stable else 1
+    band = telemetry.score_band(result.zero_reference.score)
+    for requested in ("false", "true"):
+        assert emitted[(telemetry.EXPLANATIONS, None, requested)] == 1
+        assert emitted[(telemetry.UNSTABLE, None, requested)] == unstable
+        assert emitted[(telemetry.EMPTY_MAPS, None, requested)] == result.zero_reference.map_empty
+        assert emitted[(telemetry.SCORE_BANDS_METRIC, band, requested)] == 1
+        assert math.isclose(
+            emitted[(telemetry.SCORE, None, requested)], result.zero_reference.score
         )
-    # loaded(): every counter series exists at 0, the gauge is 1.
-    assert emitted[(telemetry.COMPENSABLE, None)] == 1.0
-    assert emitted[(telemetry.ERRORS, "unknown_target")] == 1
-    assert emitted[(telemetry.ERRORS, "internal_error")] == 1
-    assert emitted[(telemetry.ERRORS, "bad_option")] == 0 and (
-        (telemetry.ERRORS, "bad_option") in emitted
-    )
-    assert emitted[(telemetry.EXPLANATIONS, None)] == 1
-    assert emitted[(telemetry.UNSTABLE, None)] == (
-        0 if result.explained.zero_reference.stable else 1
-    )
-    assert emitted[(telemetry.EMPTY_MAPS, None)] == int(result.explained.zero_reference.map_empty)
-    band = telemetry.score_band(result.explained.zero_reference.score)
-    assert emitted[(telemetry.SCORE_BANDS_METRIC, band)] == 1
-    assert math.isclose(emitted[(telemetry.SCORE, None)], result.explained.zero_reference.score)
-    assert emitted[(telemetry.STAGE_SECONDS, "decode")] == pytest.approx(0.004)
-    assert len({key for key in emitted if key[0] == telemetry.SCORE_BANDS_METRIC}) == 10
+    assert emitted[(telemetry.STAGE_SECONDS, "decode", None)] == pytest.approx(0.004)
+    bands = {key for key in emitted if key[0] == telemetry.SCORE_BANDS_METRIC}
+    assert len(bands) == 2 * 10
+    # The baseline: one gauge per band, and how many calibration images it holds.
+    assert emitted[(telemetry.BASELINE_IMAGES, None, None)] == 4
+    shares = {key[1]: emitted[key] for key in emitted if key[0] == telemetry.BASELINE_SHARE}
+    assert shares == {**dict.fromkeys(telemetry.SCORE_BANDS, 0.0), "0.0-0.1": 0.25,
+                      "0.1-0.2": 0.5, "0.9-1.0": 0.25}  # fmt: skip
+    # HandlerTime, which TorchServe's metrics.yaml declares, in ms.
+    assert 0 < emitted[(telemetry.HANDLER_TIME, None, None)] < 60_000
+
+
+def test_without_a_baseline_no_share_series_and_zero_images(caplog):
+    cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
+    cache.initialize_cache()
+    with caplog.at_level(logging.INFO):
+        telemetry.Telemetry(cache, MetricTypes, MODEL).loaded(False, None)
+    emitted = recorded(caplog)
+    assert emitted[(telemetry.BASELINE_IMAGES, None)] == 0
+    assert (telemetry.BASELINE_IMAGES, None) in emitted
+    assert not [key for key in emitted if key[0] == telemetry.BASELINE_SHARE]
+
+
+def test_score_baseline_round_trip_and_validation():
+    baseline = telemetry.ScoreBaseline.from_scores([0.0, 0.35, 0.99, 0.35])
+    assert baseline.images == 4 and sum(baseline.shares.values()) == pytest.approx(1)
+    assert baseline.shares["0.3-0.4"] == 0.5
+    assert telemetry.ScoreBaseline.from_dict(baseline.to_dict()) == baseline
+    assert telemetry.ScoreBaseline.from_dict({"mean": 0}) is None  # calibrated before baselines
+    with pytest.raises(ValueError):
+        telemetry.ScoreBaseline.from_dict(
+            {"score_baseline": {"0.0-0.1": 1.0}, "score_baseline_images": 1}
+        )
+    with pytest.raises(ValueError):
+        telemetry.ScoreBaseline.from_scores([])
+
+
+def test_the_shipped_shapes_model_carries_its_baseline(shapes_explainer):
+    """models/shapes/calibration.pt has the top-1 score shares of its 4000 calibration images."""
+    baseline = shapes_explainer.score_baseline
+    assert baseline is not None and baseline.images == shapes_explainer.calibration.count == 4000
+    assert sum(baseline.shares.values()) == pytest.approx(1)
+    # Reproduced on the first 64 calibration images with the in-process explainer: the
+    # stored shares are those of scores computed with the stored statistics.
+    images = [render_sample(TRAIN_SEED, index).image for index in range(64)]
+    sample = score_baseline(shapes_explainer, images, batch_size=32, progress=False)
+    for band in telemetry.SCORE_BANDS:
+        assert abs(sample.shares[band] - baseline.shares[band]) < 0.15, band
 
 
 def recorded(caplog) -> Counter:
@@ -214,7 +285,7 @@ def test_class_metrics_only_for_few_classes(shapes_explainer, caplog, classes):
     [result] = shapes_explainer.explain([shapes_explainer.prepare_image(held_out(1).image)])
     with caplog.at_level(logging.INFO):
         recorder.loaded(True)
-        recorder.explained(result.explained.zero_reference, 3)
+        recorder.explained(result.zero_reference, 3)
     emitted = recorded(caplog)
     class_series = {key for key in emitted if key[0] == telemetry.CLASS_EXPLANATIONS}
     if classes > telemetry.MAX_CLASS_LABELS:
@@ -225,7 +296,7 @@ def test_class_metrics_only_for_few_classes(shapes_explainer, caplog, classes):
     assert len(class_series) == classes
     assert emitted[(telemetry.CLASS_EXPLANATIONS, "class_3__odd_name")] == 1
     unstable = emitted[(telemetry.CLASS_UNSTABLE, "class_3__odd_name")]
-    assert unstable == (0 if result.explained.zero_reference.stable else 1)
+    assert unstable == (0 if result.zero_reference.stable else 1)
     assert not [r for r in caplog.records if "Failed" in r.getMessage()]
 
 
@@ -256,7 +327,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
 def test_promtool_checks_the_shipped_config_and_rules(tmp_path):
     for args in (
         ("check", "config", str(PROMETHEUS_DIR / "prometheus.yml")),
-        ("check", "rules", str(PROMETHEUS_DIR / "alerts.yml")),
+        ("check", "rules", str(PROMETHEUS_DIR / "rules.yml"), str(PROMETHEUS_DIR / "alerts.yml")),
         ("test", "rules", str(PROMETHEUS_DIR / "alerts_test.yml")),
     ):
         result = promtool(*args)
@@ -269,17 +340,13 @@ def test_promtool_checks_the_shipped_config_and_rules(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_every_alert_in_the_rules_has_a_unit_test():
-    rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
-    alerts = {rule["alert"] for group in rules for rule in group["rules"]}
-    tests = yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())["tests"]
-    firing = {
-        case["alertname"]
-        for test in tests
-        for case in test["alert_rule_test"]
-        if case.get("exp_alerts")
-    }
-    assert alerts == firing
+def test_every_alert_has_a_firing_and_a_non_firing_unit_test():
+    tests = yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())
+    assert set(tests["rule_files"]) == {"rules.yml", "alerts.yml"}
+    cases = [case for test in tests["tests"] for case in test["alert_rule_test"]]
+    firing = {case["alertname"] for case in cases if case.get("exp_alerts")}
+    silent = {case["alertname"] for case in cases if not case.get("exp_alerts")}
+    assert alert_names() == firing == silent
 
 
 def test_promql_metric_name_extraction():
@@ -292,7 +359,7 @@ def test_promql_metric_name_extraction():
 
 def test_dashboard_and_alerts_only_use_exported_metrics():
     exported = exported_names()
-    exprs = dashboard_exprs() + alert_exprs()
+    exprs = dashboard_exprs() + rule_exprs()
     used = set().union(*(promql_metric_names(e) for e in exprs))
     assert used - exported == set()
     # Each camserve metric appears on the dashboard: a new metric gets a panel too.
@@ -317,9 +384,28 @@ def test_dashboard_is_provisionable():
             assert panel["datasource"]["uid"] == "${datasource}"
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["query"] == "prometheus"
+    # Importable through Grafana's UI: the import dialog asks for the data source and the
+    # job (the inputs), and fills them in where ${DS_PROMETHEUS} and ${VAR_JOB} stand.
+    inputs = {i["name"]: i for i in dashboard["__inputs"]}
+    assert inputs["DS_PROMETHEUS"]["type"] == "datasource"
+    assert inputs["DS_PROMETHEUS"]["pluginId"] == "prometheus"
+    assert inputs["VAR_JOB"]["type"] == "constant" and inputs["VAR_JOB"]["value"] == "torchserve"
+    assert {(r["type"], r["id"]) for r in dashboard["__requires"]} >= {
+        ("grafana", "grafana"),
+        ("datasource", "prometheus"),
+        *(("panel", kind) for kind in kinds if kind != "row"),
+    }
+    assert variables["datasource"]["current"]["value"] == "${DS_PROMETHEUS}"
+    assert variables["job"]["current"]["value"] == "${VAR_JOB}"
+    # Provisioned (no import dialog), the variables resolve themselves: the datasource
+    # variable falls back to the default Prometheus, the job is a query over `up`.
+    assert variables["job"]["definition"] == "label_values(up, job)"
+    text = DASHBOARD.read_text()
+    assert text.count("${DS_PROMETHEUS}") == 2 and text.count("${VAR_JOB}") == 2
+    assert 'job="torchserve"' not in text and "$job" in text
     assert (
         promql_metric_names(
-            re.sub(r"label_values\((\w+),.*", r"\1", variables["model"]["definition"])
+            re.sub(r"label_values\((\w+)[{,].*", r"\1", variables["model"]["definition"])
         )
         <= exported_names()
     )
@@ -408,7 +494,7 @@ def find_empty_map_targets(explainer, count: int) -> list[tuple[bytes, int]]:
             for target in range(len(explainer.labels))
         ]
         for target, result in enumerate(explainer.explain(batch)):
-            if result.explained.zero_reference.map_empty:
+            if result.zero_reference.map_empty:
                 found.append((png, target))
                 break
         if len(found) == count:
@@ -442,7 +528,7 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
         )[0]
         for body, target in [(p, None) for p in good] + empty
     ]
-    expected_results = [e.explained.zero_reference for e in expected_explained]
+    expected_results = [e.zero_reference for e in expected_explained]
     labels = [telemetry.class_label_value(label) for label in shapes_explainer.labels]
 
     wait_for_scrape_after(prometheus, time.time() + 1)
@@ -480,10 +566,8 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
         expected[(telemetry.CLASS_EXPLANATIONS, label)] = 0
         expected[(telemetry.CLASS_UNSTABLE, label)] = 0
     for item in expected_explained:
-        expected[(telemetry.CLASS_EXPLANATIONS, labels[item.explained.index])] += 1
-        expected[
-            (telemetry.CLASS_UNSTABLE, labels[item.explained.index])
-        ] += not item.explained.zero_reference.stable
+        expected[(telemetry.CLASS_EXPLANATIONS, labels[item.target])] += 1
+        expected[(telemetry.CLASS_UNSTABLE, labels[item.target])] += not item.zero_reference.stable
     assert expected[(telemetry.EMPTY_MAPS, None)] >= len(empty)
 
     def delta(after):
