@@ -13,16 +13,20 @@ import json
 import logging
 import math
 import re
+import os
+import signal
 import subprocess
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import requests
 import ts
 import yaml
-from PIL import Image
+from PIL import Image, ImageEnhance
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.metrics.metric_type_enum import MetricTypes
 
@@ -31,7 +35,7 @@ from camserve.encode_json import load_schema
 from camserve.errors import ERROR_CODES
 from camserve.request import ParsedRequest, RequestOptions
 from camserve.tools.calibrate import score_baseline
-from harness.local_prometheus import LocalPrometheus, executable, local_config
+from harness.local_prometheus import UI_PAGES, LocalPrometheus, executable, local_config
 from harness.local_prometheus import main as prometheus_main
 from harness.local_torchserve import LocalTorchServe, free_port
 from harness.shapes.dataset import TRAIN_SEED, render_sample
@@ -447,15 +451,16 @@ def prometheus(server, tmp_path_factory):
     instance.stop()
 
 
-def snapshot(prometheus) -> dict[tuple[str, str | None], float]:
-    """(metric, stage/reason/band label) -> value, for every camserve series of the model."""
+def snapshot(prometheus) -> dict[tuple[str, str | None, str | None], float]:
+    """(metric, stage/reason/band/class/le label, requested) -> value, for every camserve
+    series of the model."""
     values = {}
     for series in prometheus.query(f'{{__name__=~"camserve_.*", ModelName="{MODEL}"}}'):
         labels = series["metric"]
         key = next(
             (labels[k] for k in ("stage", "reason", "band", "class", "le") if k in labels), None
         )
-        values[(labels["__name__"], key)] = float(series["value"][1])
+        values[(labels["__name__"], key, labels.get("requested"))] = float(series["value"][1])
     return values
 
 
@@ -533,7 +538,7 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
 
     wait_for_scrape_after(prometheus, time.time() + 1)
     before = snapshot(prometheus)
-    assert before.get((telemetry.COMPENSABLE, None)) == float(
+    assert before.get((telemetry.COMPENSABLE, None, None)) == float(
         shapes_explainer.compensation.compensable
     )
     for kwargs, expected in zip(explained, expected_results, strict=True):
@@ -549,26 +554,36 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
     n = len(explained)
     errors = Counter(code for _, code in bad)
     expected = {
-        (telemetry.EXPLANATIONS, None): n,
-        (telemetry.UNSTABLE, None): sum(not r.stable for r in expected_results),
-        (telemetry.EMPTY_MAPS, None): sum(r.map_empty for r in expected_results),
-        (f"{telemetry.SCORE}_count", None): n,
-        **{(telemetry.ERRORS, reason): errors[reason] for reason in telemetry.ERROR_REASONS},
-        **{(telemetry.SCORE_BANDS_METRIC, band): 0 for band in telemetry.SCORE_BANDS},
-        **{(f"{telemetry.STAGE_SECONDS}_count", "decode"): n + len(bad)},
-        **{(f"{telemetry.STAGE_SECONDS}_count", "forward_gradcam"): n},  # one batch each
-        **{(f"{telemetry.STAGE_SECONDS}_count", "score"): n},
-        **{(f"{telemetry.STAGE_SECONDS}_count", "encode"): n},
+        **{(telemetry.ERRORS, reason, None): errors[reason] for reason in telemetry.ERROR_REASONS},
+        **{(f"{telemetry.STAGE_SECONDS}_count", "decode", None): n + len(bad)},
+        **{(f"{telemetry.STAGE_SECONDS}_count", "forward_gradcam", None): n},  # one batch each
+        **{(f"{telemetry.STAGE_SECONDS}_count", "score", None): n},
+        **{(f"{telemetry.STAGE_SECONDS}_count", "encode", None): n},
     }
-    for result in expected_results:
-        expected[(telemetry.SCORE_BANDS_METRIC, telemetry.score_band(result.score))] += 1
-    for label in labels:
-        expected[(telemetry.CLASS_EXPLANATIONS, label)] = 0
-        expected[(telemetry.CLASS_UNSTABLE, label)] = 0
+    # The good images explain the top-1 (requested="false"), the others a chosen class.
+    for requested in telemetry.REQUESTED_VALUES:
+        for name in (telemetry.EXPLANATIONS, telemetry.UNSTABLE, telemetry.EMPTY_MAPS):
+            expected[(name, None, requested)] = 0
+        expected[(f"{telemetry.SCORE}_count", None, requested)] = 0
+        for band in telemetry.SCORE_BANDS:
+            expected[(telemetry.SCORE_BANDS_METRIC, band, requested)] = 0
     for item in expected_explained:
-        expected[(telemetry.CLASS_EXPLANATIONS, labels[item.target])] += 1
-        expected[(telemetry.CLASS_UNSTABLE, labels[item.target])] += not item.zero_reference.stable
-    assert expected[(telemetry.EMPTY_MAPS, None)] >= len(empty)
+        result, requested = item.zero_reference, telemetry.REQUESTED_VALUES[item.requested]
+        expected[(telemetry.EXPLANATIONS, None, requested)] += 1
+        expected[(telemetry.UNSTABLE, None, requested)] += not result.stable
+        expected[(telemetry.EMPTY_MAPS, None, requested)] += result.map_empty
+        expected[(f"{telemetry.SCORE}_count", None, requested)] += 1
+        expected[(telemetry.SCORE_BANDS_METRIC, telemetry.score_band(result.score), requested)] += 1
+    assert expected[(telemetry.EXPLANATIONS, None, "true")] == len(empty)
+    for label in labels:
+        expected[(telemetry.CLASS_EXPLANATIONS, label, None)] = 0
+        expected[(telemetry.CLASS_UNSTABLE, label, None)] = 0
+    for item in expected_explained:
+        expected[(telemetry.CLASS_EXPLANATIONS, labels[item.target], None)] += 1
+        expected[
+            (telemetry.CLASS_UNSTABLE, labels[item.target], None)
+        ] += not item.zero_reference.stable
+    assert expected[(telemetry.EMPTY_MAPS, None, "true")] >= len(empty)
 
     def delta(after):
         return {key: after.get(key, math.nan) - before.get(key, 0.0) for key in expected}
@@ -581,15 +596,34 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
         time.sleep(0.5)
     assert delta(after) == expected
     # The histogram counts every explanation, and its sum is the scores' sum.
-    assert (
-        delta(after)[(f"{telemetry.SCORE}_count", None)]
-        == delta(after)[(telemetry.EXPLANATIONS, None)]
-    )
+    for requested in telemetry.REQUESTED_VALUES:
+        assert (
+            delta(after)[(f"{telemetry.SCORE}_count", None, requested)]
+            == delta(after)[(telemetry.EXPLANATIONS, None, requested)]
+        )
     # A histogram series appears at its first observation: TorchServe cannot create it at 0.
-    score_sum = after[(f"{telemetry.SCORE}_sum", None)] - before.get(
-        (f"{telemetry.SCORE}_sum", None), 0.0
+    score_sum = sum(
+        after[(f"{telemetry.SCORE}_sum", None, requested)]
+        - before.get((f"{telemetry.SCORE}_sum", None, requested), 0.0)
+        for requested in telemetry.REQUESTED_VALUES
     )
     assert score_sum == pytest.approx(sum(r.score for r in expected_results), abs=1e-5)
+    # The archive is calibrated: its baseline is exported at load, one share per band.
+    shares = {key[1]: value for key, value in after.items() if key[0] == telemetry.BASELINE_SHARE}
+    assert shares == pytest.approx(shapes_explainer.score_baseline.shares)
+    assert after[(telemetry.BASELINE_IMAGES, None, None)] == 4000
+    # HandlerTime is recorded (ms, one batch).
+    handler_time = prometheus.query(f'HandlerTime{{ModelName="{MODEL}"}}')
+    assert handler_time and float(handler_time[0]["value"][1]) > 0
+
+
+def dashboard_query(expr: str) -> str:
+    """A dashboard expression with Grafana's variables filled in as the defaults would."""
+    return (
+        expr.replace("$__rate_interval", "5m")
+        .replace("$model", MODEL)
+        .replace("$job", "torchserve")
+    )
 
 
 def test_rules_load_and_dashboard_queries_run_in_prometheus(server, prometheus):
@@ -600,23 +634,15 @@ def test_rules_load_and_dashboard_queries_run_in_prometheus(server, prometheus):
         if rules and all(rule["health"] == "ok" for rule in rules):
             break
         time.sleep(0.5)
-    assert {rule["name"] for rule in rules} == {
-        rule["alert"]
-        for g in yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
-        for rule in g["rules"]
-    }
+    assert {rule["name"] for rule in rules} == alert_names() | recorded_names()
     assert all(rule["health"] == "ok" for rule in rules), rules
-    # Every dashboard query runs and finds data once the model has served a request.
-    assert post(server, png_bytes(held_out(30).image)).status_code == 200
-    wait_for_scrape_after(prometheus, time.time() + 1)
-    names = set(prometheus.api("label/__name__/values"))
+    # Every dashboard query runs (that each returns data is checked at the end of
+    # test_alerts_on_live_traffic, when every series exists).
     for expr in dashboard_exprs():
-        assert promql_metric_names(expr) <= names, expr
-        query = expr.replace("$__rate_interval", "5m").replace("$model", MODEL)
-        assert prometheus.query(query), f"no data for dashboard query {query}"
+        prometheus.query(dashboard_query(expr))
 
 
-def test_make_monitor_starts_and_stops_prometheus(server, tmp_path):
+def test_make_monitor_starts_and_stops_prometheus(server, tmp_path, capsys):
     """The code path of `make monitor` / `make monitor-stop`, without the package install."""
     properties = tmp_path / "config.properties"
     properties.write_text(f"metrics_address={server.metrics_url}\n")
@@ -634,7 +660,177 @@ def test_make_monitor_starts_and_stops_prometheus(server, tmp_path):
             time.sleep(0.5)
         assert [t["labels"]["instance"] for t in targets] == [metrics_target(server)]
         assert health == "up"
+        # Every URL it printed answers (Debian's 2.42 serves only /classic/alerts, not /alerts).
+        urls = re.findall(r"http://\S+", capsys.readouterr().out)
+        assert len(urls) == 1 + len(UI_PAGES)
+        for url in urls:
+            assert requests.get(url, timeout=10).status_code == 200, url
     finally:
         assert prometheus_main(["stop", *args]) == 0
     assert not Path(f"/proc/{pid}").exists() or not Path(f"/proc/{pid}/cmdline").read_bytes()
     assert not instance.pid_file.exists()
+
+
+# --- The alerts on live traffic -----------------------------------------------------------
+
+PHASE_TIMEOUT_S = 120
+
+
+def darkened(index: int) -> bytes:
+    """A held-out image at 30% brightness: a shift the top-1 scores show (docs/monitoring.md:
+    colour inversion and pixel noise barely move this model's score distribution)."""
+    return png_bytes(ImageEnhance.Brightness(held_out(index).image).enhance(0.3))
+
+
+def post_all(server, bodies: list[dict], workers: int = 4) -> list[int]:
+    """Post every request (a few at a time, so TorchServe batches) and return the statuses."""
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda kwargs: post(server, **kwargs).status_code, bodies))
+
+
+def active_alerts(prometheus) -> dict[str, str]:
+    """alertname -> state (pending or firing) of every active alert."""
+    return {a["labels"]["alertname"]: a["state"] for a in prometheus.api("alerts")["alerts"]}
+
+
+def wait_for_evaluation_after(prometheus, moment: float) -> None:
+    """Until a scrape after ``moment`` is in and every rule group evaluated it."""
+    wait_for_scrape_after(prometheus, moment)
+    scraped = time.time()
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        groups = prometheus.api("rules")["groups"]
+        evaluated = [g.get("lastEvaluation", "") for g in groups]
+        if all(e and _timestamp(e) > scraped for e in evaluated):
+            return
+        time.sleep(0.5)
+    raise TimeoutError("the rules were not evaluated after the last scrape")
+
+
+def _timestamp(rfc3339: str) -> float:
+    """Seconds since the epoch of Prometheus's RFC 3339 times (nanosecond fractions)."""
+    match = re.fullmatch(r"([\d-]+T[\d:]+)(\.\d+)?(Z|[+-][\d:]+)", rfc3339)
+    assert match, rfc3339
+    zone = "+00:00" if match[3] == "Z" else match[3]
+    return datetime.fromisoformat(match[1] + zone).timestamp() + float(match[2] or 0)
+
+
+def psi(prometheus) -> float | None:
+    result = prometheus.query(f'camserve:zero_reference_score:psi1h{{ModelName="{MODEL}"}}')
+    return float(result[0]["value"][1]) if result else None
+
+
+def wait_for_alert(prometheus, name: str, send=None, rounds: int = 1) -> str:
+    """Until ``name`` is active (bounded); ``send()`` runs before each of ``rounds`` checks."""
+    for _ in range(rounds):
+        if send is not None:
+            send()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            state = active_alerts(prometheus).get(name)
+            if state:
+                return state
+            time.sleep(0.5)
+    raise AssertionError(f"{name} never became active: {active_alerts(prometheus)}")
+
+
+def test_alerts_on_live_traffic(server, prometheus, shapes_explainer, capsys):
+    """In-distribution traffic with chosen classes and client errors raises no alert; shifted
+    traffic makes the drift alert pending; a killed worker makes the 5xx alert see it.
+    Prometheus evaluates every second (test-only config); windows and `for` are the shipped
+    ones, so pending is what a short test can see."""
+    started = time.monotonic()
+    # 1. In distribution: 120 top-1 explanations (the drift rule needs 100 in its hour), 12
+    # chosen classes the model does not predict, and client errors of five kinds.
+    phase_start = time.time()
+    top1 = [{"data": png_bytes(held_out(index).image)} for index in range(100, 220)]
+    chosen = [
+        as_json(
+            png_bytes(held_out(index).image), target=(held_out(index).label + 1 + index % 5) % 6
+        )
+        for index in range(220, 232)
+    ]
+    statuses = post_all(server, top1 + chosen)
+    assert statuses == [200] * len(statuses)
+    client_errors = [
+        requests.post(
+            f"{server.inference_url}/predictions/{MODEL}",
+            data=b"just text",
+            headers={**server.auth(), "Content-Type": "text/plain"},
+            timeout=60,
+        ),
+        post(server, data=png_bytes(held_out(0).image)[:200]),
+        post(server, **as_json(png_bytes(held_out(1).image), topk=0)),
+        post(server, **as_json(png_bytes(held_out(2).image), target="hexagon")),
+        requests.post(
+            f"{server.inference_url}/predictions/no_such_model",
+            data=b"x",
+            headers=server.auth(),
+            timeout=60,
+        ),
+    ]
+    assert all(400 <= r.status_code < 500 for r in client_errors), [
+        r.status_code for r in client_errors
+    ]
+    wait_for_evaluation_after(prometheus, time.time() + 1)
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while time.monotonic() < deadline:  # the drift statistic is computed, not just absent
+        count = prometheus.query(
+            f'camserve:unrequested_explanations:increase1h{{ModelName="{MODEL}"}} >= 100'
+        )
+        if count and psi(prometheus) is not None:
+            break
+        time.sleep(0.5)
+    in_distribution_psi = psi(prometheus)
+    assert in_distribution_psi is not None and in_distribution_psi < 0.25
+    wait_for_evaluation_after(prometheus, time.time() + 2)
+    # No alert was pending at any evaluation of the phase (ALERTS records each of them).
+    seconds = math.ceil(time.time() - phase_start)
+    assert prometheus.query(f"ALERTS[{seconds}s]") == [], active_alerts(prometheus)
+
+    # 2. Shifted: darkened images, 30 at a time, until the drift alert is pending.
+    shifted = iter(range(300, 600))
+
+    def send_shifted() -> None:
+        bodies = [{"data": darkened(next(shifted))} for _ in range(30)]
+        assert post_all(server, bodies) == [200] * len(bodies)
+        wait_for_evaluation_after(prometheus, time.time() + 1)
+
+    assert wait_for_alert(prometheus, "CamserveExplanationDrift", send_shifted, rounds=6)
+    shifted_psi = psi(prometheus)
+    assert shifted_psi > 0.25
+
+    # 3. A worker killed while it explains a batch: its requests get 5xx from the frontend.
+    from tests.live import worker_processes
+    from tests.load import wait_worker_ready
+
+    server_errors = 0
+    for _ in range(4):  # a kill can land between batches; bounded retries
+        [worker] = worker_processes(server)
+        with ThreadPoolExecutor(24) as pool:
+            futures = [
+                pool.submit(lambda i=i: post(server, data=png_bytes(held_out(i).image)))
+                for i in range(600, 624)
+            ]
+            time.sleep(0.3)
+            os.kill(worker.pid, signal.SIGKILL)
+            statuses = [future.result().status_code for future in futures]
+        wait_worker_ready(server, worker.pid, PHASE_TIMEOUT_S)
+        server_errors += sum(status >= 500 for status in statuses)
+        if server_errors >= 8:
+            break
+    assert server_errors >= 5, server_errors
+    assert wait_for_alert(prometheus, "TorchServeServerErrorsHigh")
+    seen = prometheus.query('torchserve:requests_5xx:increase5m{job="torchserve"}')
+    assert seen and float(seen[0]["value"][1]) >= server_errors
+
+    # Every dashboard query returns data now that every series exists.
+    wait_for_evaluation_after(prometheus, time.time() + 1)
+    for expr in dashboard_exprs():
+        assert prometheus.query(dashboard_query(expr)), f"no data: {dashboard_query(expr)}"
+    elapsed = time.monotonic() - started
+    with capsys.disabled():
+        print(
+            f"\ndrift PSI: in distribution {in_distribution_psi:.4f}, shifted {shifted_psi:.4f}; "
+            f"{server_errors} server errors from the kill; {elapsed:.0f} s"
+        )
