@@ -12,8 +12,8 @@ import base64
 import json
 import logging
 import math
-import re
 import os
+import re
 import signal
 import subprocess
 import time
