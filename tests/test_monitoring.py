@@ -180,8 +180,10 @@ def test_recorder_emits_what_torchserve_accepts(shapes_explainer, caplog):
     with caplog.at_level(logging.INFO):
         recorder.loaded(True, baseline)
         with recorder.handling():
-            recorder.explained(result.zero_reference)
-            recorder.explained(result.zero_reference, result.target, requested=True)
+            recorder.explained(result.explained.zero_reference)
+            recorder.explained(
+                result.explained.zero_reference, result.explained.index, requested=True
+            )
             recorder.error("unknown_target")
             recorder.error("no_such_code")
             recorder.stage("decode", 0.004)
@@ -207,15 +209,18 @@ def test_recorder_emits_what_torchserve_accepts(shapes_explainer, caplog):
         (telemetry.ERRORS, "bad_option", None) in emitted
     )
     # The same result, once as the top-1 and once as a requested class.
-    unstable = 0 if result.zero_reference.stable else 1
-    band = telemetry.score_band(result.zero_reference.score)
+    unstable = 0 if result.explained.zero_reference.stable else 1
+    band = telemetry.score_band(result.explained.zero_reference.score)
     for requested in ("false", "true"):
         assert emitted[(telemetry.EXPLANATIONS, None, requested)] == 1
         assert emitted[(telemetry.UNSTABLE, None, requested)] == unstable
-        assert emitted[(telemetry.EMPTY_MAPS, None, requested)] == result.zero_reference.map_empty
+        assert (
+            emitted[(telemetry.EMPTY_MAPS, None, requested)]
+            == result.explained.zero_reference.map_empty
+        )
         assert emitted[(telemetry.SCORE_BANDS_METRIC, band, requested)] == 1
         assert math.isclose(
-            emitted[(telemetry.SCORE, None, requested)], result.zero_reference.score
+            emitted[(telemetry.SCORE, None, requested)], result.explained.zero_reference.score
         )
     assert emitted[(telemetry.STAGE_SECONDS, "decode", None)] == pytest.approx(0.004)
     bands = {key for key in emitted if key[0] == telemetry.SCORE_BANDS_METRIC}
@@ -289,7 +294,7 @@ def test_class_metrics_only_for_few_classes(shapes_explainer, caplog, classes):
     [result] = shapes_explainer.explain([shapes_explainer.prepare_image(held_out(1).image)])
     with caplog.at_level(logging.INFO):
         recorder.loaded(True)
-        recorder.explained(result.zero_reference, 3)
+        recorder.explained(result.explained.zero_reference, 3)
     emitted = recorded(caplog)
     class_series = {key for key in emitted if key[0] == telemetry.CLASS_EXPLANATIONS}
     if classes > telemetry.MAX_CLASS_LABELS:
@@ -300,7 +305,7 @@ def test_class_metrics_only_for_few_classes(shapes_explainer, caplog, classes):
     assert len(class_series) == classes
     assert emitted[(telemetry.CLASS_EXPLANATIONS, "class_3__odd_name")] == 1
     unstable = emitted[(telemetry.CLASS_UNSTABLE, "class_3__odd_name")]
-    assert unstable == (0 if result.zero_reference.stable else 1)
+    assert unstable == (0 if result.explained.zero_reference.stable else 1)
     assert not [r for r in caplog.records if "Failed" in r.getMessage()]
 
 
@@ -499,7 +504,7 @@ def find_empty_map_targets(explainer, count: int) -> list[tuple[bytes, int]]:
             for target in range(len(explainer.labels))
         ]
         for target, result in enumerate(explainer.explain(batch)):
-            if result.zero_reference.map_empty:
+            if result.explained.zero_reference.map_empty:
                 found.append((png, target))
                 break
         if len(found) == count:
@@ -533,7 +538,7 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
         )[0]
         for body, target in [(p, None) for p in good] + empty
     ]
-    expected_results = [e.zero_reference for e in expected_explained]
+    expected_results = [e.explained.zero_reference for e in expected_explained]
     labels = [telemetry.class_label_value(label) for label in shapes_explainer.labels]
 
     wait_for_scrape_after(prometheus, time.time() + 1)
@@ -568,7 +573,10 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
         for band in telemetry.SCORE_BANDS:
             expected[(telemetry.SCORE_BANDS_METRIC, band, requested)] = 0
     for item in expected_explained:
-        result, requested = item.zero_reference, telemetry.REQUESTED_VALUES[item.requested]
+        result, requested = (
+            item.explained.zero_reference,
+            telemetry.REQUESTED_VALUES[item.requested],
+        )
         expected[(telemetry.EXPLANATIONS, None, requested)] += 1
         expected[(telemetry.UNSTABLE, None, requested)] += not result.stable
         expected[(telemetry.EMPTY_MAPS, None, requested)] += result.map_empty
@@ -579,10 +587,10 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
         expected[(telemetry.CLASS_EXPLANATIONS, label, None)] = 0
         expected[(telemetry.CLASS_UNSTABLE, label, None)] = 0
     for item in expected_explained:
-        expected[(telemetry.CLASS_EXPLANATIONS, labels[item.target], None)] += 1
+        expected[(telemetry.CLASS_EXPLANATIONS, labels[item.explained.index], None)] += 1
         expected[
-            (telemetry.CLASS_UNSTABLE, labels[item.target], None)
-        ] += not item.zero_reference.stable
+            (telemetry.CLASS_UNSTABLE, labels[item.explained.index], None)
+        ] += not item.explained.zero_reference.stable
     assert expected[(telemetry.EMPTY_MAPS, None, "true")] >= len(empty)
 
     def delta(after):
