@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -33,13 +34,14 @@ from ts.metrics.metric_type_enum import MetricTypes
 from camserve import telemetry
 from camserve.encode_json import load_schema
 from camserve.errors import ERROR_CODES
+from camserve.explainer import Explainer
 from camserve.request import ParsedRequest, RequestOptions
-from camserve.tools.calibrate import score_baseline
+from camserve.tools.calibrate import CALIBRATION_FILE, calibrate_model_dir, score_baseline
 from harness.local_prometheus import UI_PAGES, LocalPrometheus, executable, local_config
 from harness.local_prometheus import main as prometheus_main
 from harness.local_torchserve import LocalTorchServe, free_port
 from harness.shapes.dataset import TRAIN_SEED, render_sample
-from tests.conftest import CONFIG, REPO, held_out, png_bytes, shapes_variant_store
+from tests.conftest import CONFIG, REPO, SHAPES_DIR, held_out, png_bytes, shapes_variant_store
 
 METRICS_YAML = REPO / "config" / "metrics.yaml"
 PROMETHEUS_DIR = REPO / "config" / "prometheus"
@@ -257,6 +259,27 @@ def test_score_baseline_round_trip_and_validation():
         )
     with pytest.raises(ValueError):
         telemetry.ScoreBaseline.from_scores([])
+
+
+def test_calibrate_writes_the_baseline_the_server_will_compare_with(tmp_path):
+    """`camserve calibrate`'s baseline is the band shares of the scores that the model,
+    loaded with the file it wrote, gives its calibration images (top-1); without the second
+    pass of images the file has no baseline, and the loaded model none either."""
+    folder = tmp_path / "shapes"
+    shutil.copytree(SHAPES_DIR, folder, ignore=shutil.ignore_patterns(CALIBRATION_FILE))
+    config = yaml.safe_load((folder / "model-config.yaml").read_text())
+    config["handler"].pop("calibration", None)
+    (folder / "model-config.yaml").write_text(yaml.safe_dump(config))
+    images = [held_out(index).image for index in range(40, 52)]
+    calibrate_model_dir(folder, iter(images), "test", 12, 5, False, baseline_images=iter(images))
+    loaded = Explainer.from_directory(folder)
+    explained = loaded.explain([loaded.prepare_image(image) for image in images])
+    expected = telemetry.ScoreBaseline.from_scores(
+        item.explained.zero_reference.score for item in explained
+    )
+    assert loaded.score_baseline == expected and expected.images == 12
+    calibrate_model_dir(folder, iter(images), "test", 12, 5, False)
+    assert Explainer.from_directory(folder).score_baseline is None
 
 
 def test_the_shipped_shapes_model_carries_its_baseline(shapes_explainer):
