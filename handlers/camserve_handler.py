@@ -93,8 +93,8 @@ class CamServeHandler(BaseHandler):
             try:
                 with self.telemetry.timed("encode"):
                     responses[index] = self._answer(context, index, data[index], result)
-                explained = result.explained
-                self.telemetry.explained(explained.zero_reference, explained.index, result.requested)
+                shown = result.explained
+                self.telemetry.explained(shown.zero_reference, shown.index, result.requested)
             except InputError as err:  # the answer does not fit max_response_size
                 responses[index] = self._error(context, index, err.code, err.message, err.status)
             except Exception as err:  # noqa: BLE001 - an encoder bug must not fail the batch
