@@ -287,12 +287,22 @@ def test_the_shipped_shapes_model_carries_its_baseline(shapes_explainer):
     baseline = shapes_explainer.score_baseline
     assert baseline is not None and baseline.images == shapes_explainer.calibration.count == 4000
     assert sum(baseline.shares.values()) == pytest.approx(1)
-    # Reproduced on the first 64 calibration images with the in-process explainer: the
-    # stored shares are those of scores computed with the stored statistics.
-    images = [render_sample(TRAIN_SEED, index).image for index in range(64)]
-    sample = score_baseline(shapes_explainer, images, batch_size=32, progress=False)
-    for band in telemetry.SCORE_BANDS:
-        assert abs(sample.shares[band] - baseline.shares[band]) < 0.15, band
+    # The first 400 of those images, explained by today's code, are distributed like the
+    # stored shares: a change to the score computation shifts them and must come with a new
+    # baseline (`make calibrate-shapes`), or the drift alert would report the change as drift.
+    # Sampling noise of 400 of the 4000: PSI p99 about 0.01; the score change that moved 5.6%
+    # of the mass from [0.1, 0.2) to [0, 0.1) gave 0.06.
+    images = [render_sample(TRAIN_SEED, index).image for index in range(400)]
+    sample = score_baseline(shapes_explainer, images, batch_size=50, progress=False)
+    assert population_stability(sample.shares, baseline.shares) < 0.03
+
+
+def population_stability(live: dict[str, float], base: dict[str, float]) -> float:
+    """The drift statistic of config/prometheus/rules.yml, in Python."""
+    return sum(
+        (live[band] - base[band]) * math.log((live[band] + 0.001) / (base[band] + 0.001))
+        for band in telemetry.SCORE_BANDS
+    )
 
 
 def recorded(caplog) -> Counter:
