@@ -290,8 +290,8 @@ def test_the_shipped_shapes_model_carries_its_baseline(shapes_explainer):
     # The first 400 of those images, explained by today's code, are distributed like the
     # stored shares: a change to the score computation shifts them and must come with a new
     # baseline (`make calibrate-shapes`), or the drift alert would report the change as drift.
-    # Sampling noise of 400 of the 4000: PSI p99 about 0.01; the score change that moved 5.6%
-    # of the mass from [0.1, 0.2) to [0, 0.1) gave 0.06.
+    # 400 held-out images give 0.0004; a score change that moved 5.6% of the mass from
+    # [0.1, 0.2) to [0, 0.1) gave 0.06.
     images = [render_sample(TRAIN_SEED, index).image for index in range(400)]
     sample = score_baseline(shapes_explainer, images, batch_size=50, progress=False)
     assert population_stability(sample.shares, baseline.shares) < 0.03
