@@ -184,7 +184,9 @@ def load_model(directory: str | Path, config: ExplainerConfig, num_classes: int)
         model_class=config.model_class,
         state=state,  # constructor arguments the weights fix (camserve.architectures)
     )
-    return load_weights(model, state)
+    # Eval mode before anything runs it: a forward in training mode (layer tracing, the grid
+    # and gradient checks) would overwrite BatchNorm's running statistics.
+    return load_weights(model, state).eval()
 
 
 def load_calibration(path: str | Path, layer: str | None = None) -> ChannelStatistics:
@@ -223,6 +225,7 @@ class Explainer:
         name: str = "model",
         device: str | torch.device = "cpu",
     ) -> None:
+        model.eval()  # see load_model: nothing may run the served network in training mode
         config = _with_target_layer(model, config)
         self.config = config
         self.device = torch.device(device)

@@ -234,6 +234,7 @@ def attach_target(
     that gradient reaches it, and return the name to explain: the tap, or the layer itself
     when it already outputs (N, C, h, w)."""
     input_size = tuple(input_size)
+    model.eval()  # the checks below run the network: BatchNorm must not learn from them
     shape = output_shape(model, layer_name, input_size)
     layout = read_layout(model, layer_name, shape, input_size, layout)
     was_attached = isinstance(model.get_submodule(layer_name), GridLayer)

@@ -111,3 +111,17 @@ def test_extra_class_maps_equal_captum_and_reuse_the_forward(model_and_layer):
             x, target=maps.classes.tolist()
         )[:, 0]
         torch.testing.assert_close(maps.signed_map, expected.detach(), atol=1e-5, rtol=0)
+
+
+def test_loading_leaves_the_weights_untouched():
+    """Nothing at load time (layer tracing, grid and gradient checks, the probe) may run the
+    network in training mode: BatchNorm would learn from the probes' random inputs."""
+    from camserve.explainer import Explainer
+    from tests.conftest import SHAPES_DIR
+
+    explainer = Explainer.from_directory(SHAPES_DIR)
+    stored = torch.load(SHAPES_DIR / "shapes.pt", weights_only=True)
+    served = explainer.model.state_dict()
+    changed = [name for name, value in stored.items() if not torch.equal(value, served[name])]
+    assert changed == []
+    assert not explainer.model.training
