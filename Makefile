@@ -9,7 +9,7 @@ CORE_FILES := $(shell find camserve handlers -name '*.py' -o -name '*.json' 2>/d
 HARNESS := $(PY) -m harness
 
 .PHONY: serve stop test lint format train evaluate archive calibrate calibrate-shapes venv clean monitor monitor-stop \
-	gallery kserve-bundle bench soak
+	gallery kserve-bundle bench bench-gpu soak
 
 venv: $(INSTALLED)
 
@@ -111,6 +111,12 @@ $(BENCH_INSTALLED): $(INSTALLED) requirements-bench.lock
 
 bench: $(BENCH_INSTALLED)
 	$(PY) -m bench.run
+
+# ResNet-50 on CUDA, explained against plain, in process and through TorchServe (a few minutes
+# on one data-centre GPU): writes bench/results/<date>-gpu.json. Without CUDA it exits 2 and
+# says why (docs/performance.md).
+bench-gpu: $(INSTALLED)
+	$(PY) -m bench.gpu
 
 clean:
 	rm -rf .run model_store/*.mar

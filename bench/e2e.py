@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -25,35 +27,68 @@ from harness.shapes.dataset import HELD_OUT_SEED, render_sample
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config" / "config.properties"
 PLAIN_HANDLER = REPO / "bench" / "plain_handler.py"
+SHAPES_DIR = REPO / "models" / "shapes"
+# Both handlers log the device they load on with this phrase (the GPU run checks it).
+DEVICE_PHRASE = "on device "
 
 
-def resnet50_dir(workdir: Path) -> Path:
-    """A ResNet-50 with random weights, packaged like a user's model."""
-    directory = workdir / "models" / "resnet50"
+@dataclass(frozen=True)
+class Load:
+    """One load-generator setting: ``judged`` names the number compared between handlers."""
+
+    name: str
+    concurrency: int
+    duration_s: float
+    max_requests: int
+    judged: str = "throughput"  # or "p50_latency"
+
+
+DEFAULT_LOADS = (Load("c1", 1, 120.0, 60, "p50_latency"), Load("c8", 8, 20.0, 100_000))
+
+TARGET_LAYERS = {"resnet50": "layer4", "mobilenet_v3_small": "features"}
+
+
+def torchvision_dir(arch: str, workdir: Path, batch_size: int = 8) -> Path:
+    """A torchvision ImageNet classifier with random weights, packaged like a user's model."""
+    directory = workdir / "models" / f"{arch}-b{batch_size}"
     if (directory / "model-config.yaml").exists():
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), directory / "weights.pt")
+    model = torchvision.models.get_model(arch, weights=None)
+    torch.save(model.state_dict(), directory / "weights.pt")
     categories = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
     labels = {str(i): name for i, name in enumerate(categories)}
     (directory / "index_to_name.json").write_text(json.dumps(labels))
     config = {
         "minWorkers": 1,
         "maxWorkers": 1,
-        "batchSize": 8,
+        "batchSize": batch_size,
         "maxBatchDelay": 10,
         "responseTimeout": 120,
         "handler": {
-            "architecture": "resnet50",
+            "architecture": arch,
             "weights": "weights.pt",
             "labels": "index_to_name.json",
-            "target_layer": "layer4",
+            "target_layer": TARGET_LAYERS[arch],
             "topk": 5,
             "preprocessing": {"input_size": [224, 224]},
         },
     }
     (directory / "model-config.yaml").write_text(yaml.safe_dump(config))
+    return directory
+
+
+def model_dir(name: str, workdir: Path, batch_size: int = 8) -> Path:
+    """``shapes`` (the repository's model) or a torchvision architecture with random weights."""
+    if name != "shapes":
+        return torchvision_dir(name, workdir, batch_size)
+    directory = workdir / "models" / f"shapes-b{batch_size}"
+    if not directory.exists():
+        shutil.copytree(SHAPES_DIR, directory)
+        config = yaml.safe_load((directory / "model-config.yaml").read_text())
+        config["batchSize"] = batch_size
+        (directory / "model-config.yaml").write_text(yaml.safe_dump(config))
     return directory
 
 
@@ -116,8 +151,7 @@ def run(
     workdir: Path,
     models: dict[str, Path],
     image_sizes: dict[str, int],
-    c1_requests: int,
-    c8_seconds: float,
+    loads: tuple[Load, ...] | list[Load] = DEFAULT_LOADS,
     rounds: int = 2,
 ) -> dict:
     results = {}
@@ -134,7 +168,9 @@ def run(
                 servers[variant] = server
                 server.start(wait_for=model)
             rss = {v: PeakRss(worker_pid(s)) for v, s in servers.items()}
-            measured: dict[str, dict[str, list]] = {v: {"c1": [], "c8": []} for v in servers}
+            measured: dict[str, dict[str, list]] = {
+                v: {load.name: [] for load in loads} for v in servers
+            }
             for server in servers.values():  # warm-up
                 url = f"{server.inference_url}/predictions/{model}"
                 loadgen(url, server.keys()["inference"], images, 2, 5, 20)
@@ -142,40 +178,69 @@ def run(
                 for variant, server in servers.items():
                     url = f"{server.inference_url}/predictions/{model}"
                     token = server.keys()["inference"]
-                    measured[variant]["c1"].append(
-                        loadgen(url, token, images, 1, c1_requests * 2.0, c1_requests)
-                    )
-                    measured[variant]["c8"].append(
-                        loadgen(url, token, images, 8, c8_seconds, 100_000)
-                    )
+                    for load in loads:
+                        measured[variant][load.name].append(
+                            loadgen(
+                                url,
+                                token,
+                                images,
+                                load.concurrency,
+                                load.duration_s,
+                                load.max_requests,
+                            )  # fmt: skip
+                        )
             peaks = {v: r.stop() for v, r in rss.items()}
+            devices = {v: device_lines(s) for v, s in servers.items()}
         finally:
             for server in servers.values():
                 server.stop()
         summary = {}
         for variant, runs in measured.items():
-            summary[variant] = {
-                "c1_p50_s": _median([r["p50_s"] for r in runs["c1"]]),
-                "c1_p99_s": _median([r["p99_s"] for r in runs["c1"]]),
-                "c8_throughput_rps": _median([r["throughput_rps"] for r in runs["c8"]]),
-                "c8_p50_s": _median([r["p50_s"] for r in runs["c8"]]),
-                "peak_worker_rss_mb": round(peaks[variant] / 2**20, 1),
-                "statuses": _merge([r["statuses"] for r in runs["c1"] + runs["c8"]]),
-                "runs": runs,
-            }
+            summary[variant] = {"peak_worker_rss_mb": round(peaks[variant] / 2**20, 1)}
+            for load in loads:
+                summary[variant].update(
+                    {
+                        f"{load.name}_p50_s": _median([r["p50_s"] for r in runs[load.name]]),
+                        f"{load.name}_p99_s": _median([r["p99_s"] for r in runs[load.name]]),
+                        f"{load.name}_throughput_rps": _median(
+                            [r["throughput_rps"] for r in runs[load.name]]
+                        ),
+                    }
+                )
+            summary[variant]["statuses"] = _merge(
+                [r["statuses"] for rs in runs.values() for r in rs]
+            )
+            summary[variant]["runs"] = runs
         plain, ours = summary["plain"], summary["camserve"]
+        ratios = {}
+        for load in loads:
+            if load.judged == "p50_latency":
+                key = f"{load.name}_p50_s"
+                ratios[f"{load.name}_p50_latency"] = round(ours[key] / plain[key], 3)
+            else:
+                key = f"{load.name}_throughput_rps"
+                ratios[f"{load.name}_throughput"] = round(ours[key] / plain[key], 3)
+        ratios["peak_worker_rss"] = round(
+            ours["peak_worker_rss_mb"] / plain["peak_worker_rss_mb"], 3
+        )
         results[model] = {
             "variants": summary,
-            "ratios": {
-                "c1_p50_latency": round(ours["c1_p50_s"] / plain["c1_p50_s"], 3),
-                "c8_throughput": round(ours["c8_throughput_rps"] / plain["c8_throughput_rps"], 3),
-                "peak_worker_rss": round(
-                    ours["peak_worker_rss_mb"] / plain["peak_worker_rss_mb"], 3
-                ),
-            },
+            "ratios": ratios,
             "image_size": image_sizes[model],
+            "device_lines": devices,
         }
     return results
+
+
+def device_lines(server: LocalTorchServe) -> list[str]:
+    """The worker's log lines that name the device its handler loaded the model on."""
+    log = server.workdir / "logs" / "model_log.log"
+    if not log.exists():
+        return []
+    return [
+        line.strip()[-200:] for line in log.read_text(errors="replace").splitlines()
+        if DEVICE_PHRASE in line
+    ]  # fmt: skip
 
 
 def _median(values: list[float]) -> float:

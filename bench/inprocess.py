@@ -17,6 +17,7 @@ import torchvision
 from captum.attr import IntegratedGradients, LayerGradCam
 from torch import nn
 
+from bench.e2e import TARGET_LAYERS
 from bench.timing import interleaved
 from camserve.encode_json import explanation_json
 from camserve.explainer import Explainer, ExplainerConfig, PreparedImage
@@ -26,14 +27,15 @@ from camserve.request import ParsedRequest, RequestOptions
 SHAPES_DIR = "models/shapes"
 
 
-def resnet50_explainer() -> Explainer:
+def torchvision_explainer(arch: str) -> Explainer:
+    """A torchvision ImageNet classifier with random weights (``torch.manual_seed(0)``)."""
     torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None)
+    model = torchvision.models.get_model(arch, weights=None)
     labels = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
     config = ExplainerConfig(
-        architecture="resnet50",
+        architecture=arch,
         weights="",
-        target_layer="layer4",
+        target_layer=TARGET_LAYERS[arch],
         preprocessing=Preprocessing(input_size=(224, 224)),
         topk=5,
     )
@@ -41,11 +43,12 @@ def resnet50_explainer() -> Explainer:
 
 
 def explainers(names: list[str]) -> dict[str, Explainer]:
-    factories = {
-        "resnet50": resnet50_explainer,
-        "shapes": lambda: Explainer.from_directory(SHAPES_DIR),
+    return {
+        name: Explainer.from_directory(SHAPES_DIR)
+        if name == "shapes"
+        else torchvision_explainer(name)
+        for name in names
     }
-    return {name: factories[name]() for name in names}
 
 
 def prepared_batch(

@@ -4,16 +4,20 @@ but a plain ``inference_mode`` forward and top-k JSON, with no explanation."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from camserve.decode import decode_image
+from camserve.device import serving_device
 from camserve.explainer import ExplainerConfig, load_model
 from camserve.gradcam import freeze
 from camserve.labels import load_labels
 from camserve.request import parse_item
+
+log = logging.getLogger(__name__)
 
 
 class PlainHandler(BaseHandler):
@@ -21,7 +25,12 @@ class PlainHandler(BaseHandler):
         model_dir = Path(context.system_properties["model_dir"])
         self.config = ExplainerConfig.from_handler_section(context.model_yaml_config["handler"])
         self.labels = load_labels(model_dir / self.config.labels)
-        self.model = freeze(load_model(model_dir, self.config, len(self.labels)))
+        self.device = serving_device(context.system_properties, context.model_yaml_config)
+        model = load_model(model_dir, self.config, len(self.labels))
+        self.model = freeze(model).to(self.device)
+        log.info(
+            "plain handler %s on device %s", context.manifest["model"]["modelName"], self.device
+        )
         self.initialized = True
 
     def handle(self, data, context):
@@ -29,8 +38,9 @@ class PlainHandler(BaseHandler):
         images = [decode_image(parse_item(item).image, min_side=side) for item in data]
         x = self.config.preprocessing.batch(images)
         with torch.inference_mode():
-            probabilities = self.model(x).softmax(dim=1)
-        top = probabilities.topk(min(self.config.topk, len(self.labels)))
+            probabilities = self.model(x.to(self.device)).softmax(dim=1)
+            top = probabilities.topk(min(self.config.topk, len(self.labels)))
+        top = top.values.cpu(), top.indices.cpu()  # one transfer, as camserve does
         return [
             json.dumps(
                 {
@@ -40,5 +50,5 @@ class PlainHandler(BaseHandler):
                     ]
                 }
             )
-            for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            for values, indices in zip(top[0].tolist(), top[1].tolist(), strict=True)
         ]

