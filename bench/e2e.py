@@ -136,8 +136,9 @@ def worker_pid(server: LocalTorchServe) -> int:
 
 def loadgen(url: str, token: str, images: list[Path], concurrency: int, duration: float,
             max_requests: int) -> dict:  # fmt: skip
+    # --token=VALUE: a TorchServe token may start with "-".
     command = [
-        sys.executable, "-m", "bench.loadgen", "--url", url, "--token", token,
+        sys.executable, "-m", "bench.loadgen", "--url", url, f"--token={token}",
         "--concurrency", str(concurrency), "--duration", str(duration),
         "--max-requests", str(max_requests),
     ]  # fmt: skip

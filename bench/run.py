@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", help="in-process models (default: all)")
     parser.add_argument("--e2e-models", nargs="*", help="end-to-end models (default: all)")
+    parser.add_argument("--repeats", type=int, help="in-process rounds (default 15)")
     parser.add_argument(
         "--no-alternatives",
         action="store_true",
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         c1_requests, c8_seconds, rounds = 60, 20.0, 2
     models = args.models or models
     slow = slow and not args.no_alternatives
+    repeats = args.repeats or repeats
     e2e_models = e2e_models if args.e2e_models is None else args.e2e_models
     loads = (
         e2e.Load("c1", 1, c1_requests * 2.0, c1_requests, "p50_latency"),

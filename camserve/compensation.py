@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from camserve.device import model_device
 from camserve.grid import GridLayer, GridTap, grid_tap
 
 RELATIVE_TOLERANCE = 1e-4
@@ -193,8 +194,10 @@ def probe_compensable(
         with grid_tap(model, layer_name, input_size, layout) as tap:
             if tap != layer_name:
                 return probe_compensable(model, tap, input_size, tolerance, seed)
+    # Drawn on the CPU (the same numbers on every device), then run where the model serves.
+    device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
-    probe = torch.randn(4, 3, *input_size, generator=generator)
+    probe = torch.randn(4, 3, *input_size, generator=generator).to(device)
     model = model.eval()
     absorbing = find_absorbing_layer(model, layer_name, probe[:1])
     if absorbing is None:
@@ -215,7 +218,7 @@ def probe_compensable(
     overall = activations[0].std()
     overall = overall if overall > 0 else activations[0].abs().max().clamp_min(1e-12)
     spread = torch.where(spread > 0, spread, overall)
-    delta = torch.randn(spread.shape, generator=generator) * spread
+    delta = torch.randn(spread.shape, generator=generator).to(device) * spread
     shifted = compensated_copy(model, layer_name, delta, probe, absorbing)
     handle = add_shift(model, layer_name, delta)
     try:

@@ -26,7 +26,8 @@ from camserve import maps
 from camserve.architectures import build_model, check_input_size, load_weights, read_state_dict
 from camserve.compensation import CompensationReport, probe_compensable
 from camserve.decode import DEFAULT_MAX_PIXELS, decode_image
-from camserve.gradcam import ClassMaps, GradCam, GradCamBatch
+from camserve.device import to_host
+from camserve.gradcam import ClassMaps, GradCam
 from camserve.grid import attach_target
 from camserve.labels import load_labels, resolve_target
 from camserve.layers import auto_target_layer
@@ -235,12 +236,16 @@ class Explainer:
         # Explained at the layer's (N, C, h, w) grid: the layer itself, or the tap that
         # camserve.grid attaches to a channels-last or token layer (refused without one).
         grid = attach_target(model, config.target_layer, size, config.target_layout)
+        # On the serving device before anything runs: the probe, Grad-CAM and the score.
+        model = model.to(self.device)
         if compensation is None:
             compensation = probe_compensable(model, grid, size)
         self.compensation = compensation
+        log.info("%s on device %s", name, self.device)
         log.info(compensation.log_line(config.target_layer))
-        self.gradcam = GradCam(model.to(self.device), grid)
-        self.calibration = calibration
+        self.gradcam = GradCam(model, grid)
+        # float64 on the device once here, not converted in every batch.
+        self.calibration = calibration.to(self.device) if calibration is not None else None
 
     @classmethod
     def from_directory(
@@ -317,12 +322,25 @@ class Explainer:
         result = self.gradcam(x, [item.requested_class for item in batch], extra_classes=extra)
         scored = time.perf_counter()
         class_maps = (result.explained, *result.extra)
-        scores = [self._score(maps, result) for maps in class_maps]
+        # Only the image_mean reference needs the activations' std.
+        channel_std = result.channel_std if self.calibration is None else None
+        scores = [self._score(maps, channel_std) for maps in class_maps]
         # The batch's one trip to the CPU; everything per image below is plain indexing.
-        probabilities = result.logits.softmax(dim=1).cpu()
-        classes = [maps.classes.tolist() for maps in class_maps]
-        signed = [maps.signed_map.cpu() for maps in class_maps]
-        blocks = [score.cpu().items() for score in scores]
+        probabilities, *host = to_host(
+            [
+                result.logits.softmax(dim=1),
+                *(maps.classes for maps in class_maps),
+                *(maps.signed_map for maps in class_maps),
+                *(score.packed for score in scores),
+            ]
+        )
+        count = len(class_maps)
+        classes = [values.tolist() for values in host[:count]]
+        signed = host[count : 2 * count]
+        blocks = [
+            replace(score, packed=packed).items()
+            for score, packed in zip(scores, host[2 * count :], strict=True)
+        ]
         if on_stage is not None:
             # Stage names are the ones camserve.telemetry.STAGES declares.
             on_stage("forward_gradcam", scored - started)
@@ -345,12 +363,11 @@ class Explainer:
             )
         return explained
 
-    def _score(self, maps: ClassMaps, result: GradCamBatch) -> ZeroReferenceBatch:
+    def _score(self, maps: ClassMaps, channel_std: Tensor | None) -> ZeroReferenceBatch:
         return zero_reference(
             maps.signed_map,
             maps.alpha,
-            result.channel_mean,
-            result.channel_std,
+            channel_std,
             self.config.preprocessing.input_size,
             self.config.score,
             self.compensation.compensable,

@@ -39,15 +39,23 @@ class GradCamBatch:
     """Everything the score and the response need, at the target layer's resolution (h x w).
 
     ``explained`` holds the explained class of each image (the requested one, else the top-1);
-    ``extra`` the next most probable classes when asked for. ``channel_mean``/``channel_std``
-    (N, K) are the activations' spatial statistics, used by the ``image_mean`` reference.
+    ``extra`` the next most probable classes when asked for. ``activations`` is A itself;
+    its spatial statistics (``channel_mean``/``channel_std``, (N, K)) are computed only when
+    asked for: only the ``image_mean`` reference needs the std.
     """
 
     logits: Tensor
     explained: ClassMaps
-    channel_mean: Tensor
-    channel_std: Tensor
+    activations: Tensor  # A, (N, K, h, w), detached
     extra: tuple[ClassMaps, ...] = ()
+
+    @property
+    def channel_mean(self) -> Tensor:
+        return self.activations.mean(dim=(2, 3))
+
+    @property
+    def channel_std(self) -> Tensor:
+        return self.activations.std(dim=(2, 3), correction=0)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -115,12 +123,10 @@ class GradCam:
                 )
                 extra = self._extra_class_maps(extra_classes) if extra_classes else ()
             run = self._pass
-            activations = run.activations.detach()
             return GradCamBatch(
                 logits=run.logits.detach(),
                 explained=ClassMaps(run.explained, signed.detach()[:, 0], run.alpha),
-                channel_mean=activations.mean(dim=(2, 3)),
-                channel_std=activations.std(dim=(2, 3), correction=0),
+                activations=run.activations.detach(),
                 extra=extra,
             )
         finally:
@@ -151,9 +157,10 @@ class GradCam:
         run = self._pass
         logits, activations = run.logits, run.activations
         count = min(count, logits.shape[1] - 1)
-        # The next most probable classes, skipping the one already explained.
-        order = logits.detach().argsort(dim=1, descending=True)
-        others = order[order != run.explained[:, None]].view(logits.shape[0], -1)[:, :count]
+        # The next most probable classes, skipping the one already explained (masked out, so
+        # no data-dependent indexing: the batch stays on its device without a sync).
+        masked = logits.detach().scatter(1, run.explained[:, None], float("-inf"))
+        others = masked.topk(count, dim=1).indices
         maps = []
         for rank in range(count):
             classes = others[:, rank]

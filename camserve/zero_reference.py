@@ -16,7 +16,8 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import functools
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -34,6 +35,14 @@ class ChannelStatistics:
     mean: Tensor
     std: Tensor
     count: int = 0
+
+    def to(self, device: str | torch.device) -> ChannelStatistics:
+        """float64 on ``device``: done once at load time, not in every batch."""
+        return replace(
+            self,
+            mean=self.mean.to(device, torch.float64),
+            std=self.std.to(device, torch.float64),
+        )
 
 
 @dataclass(frozen=True)
@@ -67,9 +76,19 @@ class ZeroReference:
     shifted_map_empty: bool
 
 
+# The columns of a batch's packed blocks: one (N, 9) float64 tensor, so that the whole
+# batch's scores reach the CPU in one transfer.
+COLUMNS = (
+    "offset", "score", "radius", "worst_offset", "worst_score", "region_iou",
+    "centroid_shift_px", "map_empty", "shifted_map_empty",
+)  # fmt: skip
+_COLUMN = {name: index for index, name in enumerate(COLUMNS)}
+
+
 @dataclass(frozen=True)
 class ZeroReferenceBatch:
-    """The zero-reference blocks of a batch, as tensors of shape (N,) on the maps' device.
+    """The zero-reference blocks of a batch, on the maps' device: one row per image, the
+    columns ``COLUMNS`` (each readable as an (N,) tensor, e.g. ``batch.score``).
 
     ``centroid_shift_px`` is NaN where either map is empty. ``cpu()`` is the batch's single
     transfer; ``items()`` then turns it into plain per-image values.
@@ -78,52 +97,53 @@ class ZeroReferenceBatch:
     reference: str
     settings: ScoreSettings
     compensable: bool
-    offset: Tensor
-    score: Tensor
-    radius: Tensor
-    worst_offset: Tensor
-    worst_score: Tensor
-    region_iou: Tensor
-    centroid_shift_px: Tensor
-    map_empty: Tensor
-    shifted_map_empty: Tensor
+    packed: Tensor  # (N, len(COLUMNS)) float64; the two *_empty columns are 0 or 1
 
-    def _tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.type == "Tensor"}
+    def column(self, name: str) -> Tensor:
+        """One column as an (N,) tensor (bool for the two ``*_empty`` columns)."""
+        values = self.packed[:, _COLUMN[name]]
+        return values > 0 if name.endswith("_empty") else values
+
+    offset = property(lambda self: self.column("offset"))
+    score = property(lambda self: self.column("score"))
+    radius = property(lambda self: self.column("radius"))
+    worst_offset = property(lambda self: self.column("worst_offset"))
+    worst_score = property(lambda self: self.column("worst_score"))
+    region_iou = property(lambda self: self.column("region_iou"))
+    centroid_shift_px = property(lambda self: self.column("centroid_shift_px"))
+    map_empty = property(lambda self: self.column("map_empty"))
+    shifted_map_empty = property(lambda self: self.column("shifted_map_empty"))
 
     def cpu(self) -> ZeroReferenceBatch:
-        return ZeroReferenceBatch(
-            self.reference,
-            self.settings,
-            self.compensable,
-            **{name: value.cpu() for name, value in self._tensors().items()},
-        )
+        return replace(self, packed=self.packed.cpu())
 
     def items(self) -> list[ZeroReference]:
-        columns = {name: value.tolist() for name, value in self._tensors().items()}
         epsilon, threshold = self.settings.epsilon, self.settings.threshold
         return [
             ZeroReference(
                 reference=self.reference,
-                offset=row["offset"],
-                score=row["score"],
-                worst_case=WorstCase(
-                    epsilon, row["radius"], row["worst_offset"], row["worst_score"]
-                ),
-                region_iou=row["region_iou"],
-                centroid_shift_px=None
-                if row["centroid_shift_px"] != row["centroid_shift_px"]
-                else row["centroid_shift_px"],
-                stable=row["score"] <= threshold,
+                offset=offset,
+                score=score,
+                worst_case=WorstCase(epsilon, radius, worst_offset, worst_score),
+                region_iou=iou,
+                centroid_shift_px=None if shift != shift else shift,  # NaN: a map is empty
+                stable=score <= threshold,
                 threshold=threshold,
                 compensable=self.compensable,
-                map_empty=row["map_empty"],
-                shifted_map_empty=row["shifted_map_empty"],
+                map_empty=empty > 0,
+                shifted_map_empty=shifted_empty > 0,
             )
-            for row in (
-                dict(zip(columns, values, strict=True))
-                for values in zip(*columns.values(), strict=True)
-            )
+            for (
+                offset,
+                score,
+                radius,
+                worst_offset,
+                worst_score,
+                iou,
+                shift,
+                empty,
+                shifted_empty,
+            ) in self.packed.tolist()
         ]
 
 
@@ -207,34 +227,74 @@ def centroids_px(maps: Tensor, input_size: tuple[int, int]) -> Tensor:
 def zero_reference(
     signed_map: Tensor,
     alpha: Tensor,
-    channel_mean: Tensor,
-    channel_std: Tensor,
+    channel_std: Tensor | None,
     input_size: tuple[int, int],
     settings: ScoreSettings,
     compensable: bool,
     calibration: ChannelStatistics | None = None,
 ) -> ZeroReferenceBatch:
-    """The zero-reference blocks of a batch: signed maps (N, h, w), alpha and the channel
-    statistics (N, K). Computed in float64 on the maps' device."""
-    maps = signed_map.double()
-    name, offset, radius = reference_offsets(
-        alpha.double(), channel_mean.double(), channel_std.double(), calibration, settings.epsilon
+    """The zero-reference blocks of a batch, in float64 on the maps' device.
+
+    ``signed_map`` (N, h, w) and ``alpha`` (N, K); ``channel_std`` (N, K), the activations'
+    spatial std, is needed only without ``calibration`` (the ``image_mean`` reference).
+
+    One fused pass, because on maps this small the cost is the number of tensor operations
+    (kernel launches on a GPU), not their size: the map itself, the reference shift and every
+    worst-case candidate are the columns of one (N, 4 + hw, hw) stack, normalised and compared
+    at once. The functions above compute each quantity on its own; the tests hold the two
+    ways equal.
+    """
+    n, h, w = signed_map.shape
+    maps = signed_map.reshape(n, h * w).double()
+    alpha = alpha.double()
+    if calibration is None:
+        if channel_std is None:
+            raise ValueError("the image_mean reference needs the activations' channel std")
+        name = IMAGE_MEAN
+        offset = maps.mean(dim=1).neg_()  # -<alpha, spatial mean of A> = -mean(M)
+        radius = (alpha.abs() * channel_std.double()).sum(dim=1).mul_(settings.epsilon)
+    else:
+        name = CALIBRATION_MEAN
+        offset = alpha @ calibration.mean.to(maps).neg()
+        radius = alpha.abs() @ (settings.epsilon * calibration.std.to(maps))
+    r = radius[:, None]
+    # Columns: 0 the map itself (c = 0), 1 the reference offset, 2 and 3 -r and r, then every
+    # cut-off -M_ij clamped into [-r, r]: those outside land on -r or r, already candidates.
+    fixed = r * _signs(maps.device)
+    fixed[:, 1] = offset
+    offsets = torch.cat([fixed, torch.clamp(-maps, -r, r)], dim=1)
+    dist = (maps[:, None, :] + offsets[:, :, None]).clamp_min_(0)  # (N, 4 + hw, hw)
+    total = dist.sum(dim=2, keepdim=True)
+    dist.div_(total.clamp_min(torch.finfo(torch.float64).tiny))  # mass distributions
+    total = total[..., 0]
+    # TV(P, Q) = 1 - sum min(P, Q) when both have mass; 1 when one is empty, 0 when both are.
+    tv = 1 - torch.minimum(dist[:, :1], dist).sum(dim=2)
+    tv.masked_fill_((total + total[:, :1]) <= 0, 0.0)
+    worst_score, best = tv[:, 2:].max(dim=1)
+    worst_offset = offsets[:, 2:].gather(1, best[:, None])[:, 0]
+    pair = dist[:, :2]  # P(M) and P(M + c): same regions and centroids as ReLU(M), ReLU(M + c)
+    region = (pair >= 0.5 * pair.amax(dim=2, keepdim=True)) & (pair > 0)
+    union = region.any(dim=1).sum(dim=1)
+    iou = (region.all(dim=1).sum(dim=1) + (union == 0)).double() / union.clamp_min(1)
+    centres = _cell_centres(h, w, tuple(input_size), maps.device)
+    shift = ((pair[:, 1] - pair[:, 0]) @ centres).norm(dim=1)
+    empty = total[:, :2] <= 0
+    shift = shift.masked_fill_(empty.any(dim=1), torch.nan)
+    packed = torch.stack(
+        [offset, tv[:, 1], radius, worst_offset, worst_score, iou, shift, *empty.double().T], dim=1
     )
-    shifted = maps + offset[:, None, None]
-    worst_score, worst_offset = worst_case_offsets(maps, radius)
-    map_empty, shifted_empty = mass(maps)[1], mass(shifted)[1]
-    shift = (centroids_px(maps, input_size) - centroids_px(shifted, input_size)).norm(dim=-1)
-    return ZeroReferenceBatch(
-        reference=name,
-        settings=settings,
-        compensable=compensable,
-        offset=offset,
-        score=shifted_total_variation(maps, offset[:, None])[:, 0],
-        radius=radius,
-        worst_offset=worst_offset,
-        worst_score=worst_score,
-        region_iou=region_iou(maps, shifted),
-        centroid_shift_px=torch.where(map_empty | shifted_empty, torch.nan, shift),
-        map_empty=map_empty,
-        shifted_map_empty=shifted_empty,
-    )
+    return ZeroReferenceBatch(name, settings, compensable, packed)
+
+
+@functools.lru_cache(maxsize=8)
+def _signs(device: torch.device) -> Tensor:
+    """Multiplied by r: the first four offset columns (0, the reference's slot, -r, r)."""
+    return torch.tensor([0.0, 0.0, -1.0, 1.0], dtype=torch.float64, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _cell_centres(h: int, w: int, input_size: tuple[int, int], device: torch.device) -> Tensor:
+    """(h * w, 2): the (y, x) centre of each map cell in input pixels; made once per shape."""
+    ys = (torch.arange(h, dtype=torch.float64) + 0.5) * (input_size[0] / h)
+    xs = (torch.arange(w, dtype=torch.float64) + 0.5) * (input_size[1] / w)
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(h * w, 2).to(device)

@@ -14,6 +14,7 @@ from collections import Counter
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from camserve.device import serving_device
 from camserve.encode_json import error_json, explanation_json
 from camserve.encode_png import PNG_MEDIA_TYPE, accepts_png, overlay_png
 from camserve.errors import InputError, bounded_message
@@ -37,7 +38,11 @@ class CamServeHandler(BaseHandler):
         model_dir = context.system_properties.get("model_dir")
         section = (context.model_yaml_config or {}).get("handler")
         self.model_name = context.manifest["model"]["modelName"]
-        self.explainer = Explainer.from_directory(model_dir, section, name=self.model_name)
+        # TorchServe's GPU for this worker (gpu_id), unless deviceType says cpu; else the CPU.
+        self.device = serving_device(context.system_properties, context.model_yaml_config)
+        self.explainer = Explainer.from_directory(
+            model_dir, section, name=self.model_name, device=self.device
+        )
         self.model = self.explainer.model
         self.telemetry = Telemetry(
             context.metrics,
@@ -53,8 +58,9 @@ class CamServeHandler(BaseHandler):
         _take_json_bodies_raw()
         _record_repeated_fields()
         log.info(
-            "camserve %s ready: layer %s, %s",
+            "camserve %s ready on device %s: layer %s, %s",
             self.model_name,
+            self.device,
             self.explainer.config.target_layer,
             self.explainer.compensation.log_line(self.explainer.config.target_layer),
         )

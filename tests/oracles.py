@@ -32,19 +32,18 @@ def oracle(
     [reported] = zero_reference(
         result.explained.signed_map,
         result.explained.alpha,
-        result.channel_mean,
         result.channel_std,
         tuple(x.shape[-2:]),
         ScoreSettings(),
         True,
         calibration,
     ).items()
-    mu = result.channel_mean[0] if calibration is None else calibration.mean.float()
+    mu = result.channel_mean[0] if calibration is None else calibration.mean.to(x)
     delta = -mu
     absorbing = find_absorbing_layer(model, layer_name, x)
     shifted = compensated_copy(model, layer_name, delta, x, absorbing)
 
-    others = torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(9))
+    others = torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(9)).to(x.device)
     with torch.no_grad():
         for inputs in (x, others):
             original = model(inputs)

@@ -3,16 +3,24 @@ through (never hard-coded), and `make bench-gpu` fails loudly where there is no 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from unittest import mock
 
 import pytest
 import torch
 
-from camserve.device import serving_device
-from tests.conftest import REPO
+from camserve.compensation import CompensationReport
+from camserve.device import pack, serving_device, to_host, unpack
+from camserve.explainer import Explainer, ExplainerConfig
+from camserve.preprocess import Preprocessing
+from camserve.request import RequestOptions
+from camserve.zero_reference import ChannelStatistics
+from models.shapes.shapes_net import ShapesNet
+from tests.conftest import REPO, held_out
 
 
 @pytest.mark.parametrize(
@@ -43,3 +51,94 @@ def test_bench_gpu_without_cuda_fails_loudly(tmp_path):
     assert "torch.cuda.is_available() is False" in done.stderr
     assert "nothing was measured" in done.stderr
     assert list(tmp_path.iterdir()) == []  # no results file pretending to be a measurement
+
+
+def _meta_explainer(calibrated: bool) -> Explainer:
+    """The shapes network on the meta device: tensors there have shapes but no data, so any
+    tensor created on the CPU by mistake, any .item() and any early copy to the CPU fails."""
+    torch.manual_seed(0)
+    model = ShapesNet()
+    config = ExplainerConfig(
+        architecture="shapes_net",
+        weights="",
+        target_layer="features",
+        preprocessing=Preprocessing(input_size=(64, 64), mean=(0.5,) * 3, std=(0.25,) * 3),
+        topk=3,
+    )
+    calibration = ChannelStatistics(torch.rand(128), torch.rand(128)) if calibrated else None
+    # The probe's verdict is a number read back at load time: given here, not measured.
+    report = CompensationReport(True, "classifier", 0.0, 1e-4, "given")
+    labels = [f"class{i}" for i in range(6)]
+    return Explainer(model, labels, config, calibration, report, name="m", device="meta")
+
+
+@pytest.mark.parametrize("calibrated", [False, True], ids=["image_mean", "calibration_mean"])
+def test_the_whole_batch_stays_on_the_device_until_one_transfer(calibrated):
+    explainer = _meta_explainer(calibrated)
+    assert {p.device.type for p in explainer.model.parameters()} == {"meta"}
+    if calibrated:
+        assert explainer.calibration.mean.device.type == "meta"
+    batch = [
+        explainer.prepare_image(held_out(i).image, RequestOptions(maps=2 + i % 2)) for i in range(3)
+    ]
+    transfers = []
+
+    def fake_transfer(tensors):
+        # Stands in for the copy to the CPU, which meta tensors cannot make: zeros instead.
+        transfers.append([t.device.type for t in tensors])
+        return [torch.zeros(t.shape, dtype=t.dtype) for t in tensors]
+
+    with mock.patch("camserve.explainer.to_host", fake_transfer):
+        results = explainer.explain(batch)
+    # probabilities, then classes, signed maps and score blocks of the 3 explained classes
+    assert transfers == [["meta"] * (1 + 3 * 3)]
+    assert [len(r.more) for r in results] == [1, 2, 1]
+    assert all(r.explained.signed_map.device.type == "cpu" for r in results)
+
+
+def test_to_host_packs_into_one_tensor_without_losing_values_or_types():
+    tensors = [
+        torch.randn(2, 3),
+        torch.tensor([3, 999_999_999]),
+        torch.tensor([True, False]),
+        torch.randn(4, dtype=torch.float64),
+    ]
+    assert all(a is b for a, b in zip(tensors, to_host(tensors), strict=True))  # CPU: as is
+    flat = pack(tensors)
+    assert flat.dim() == 1 and flat.dtype == torch.float64  # what one copy would carry
+    for original, back in zip(tensors, unpack(flat, tensors), strict=True):
+        assert back.dtype == original.dtype and torch.equal(back, original)
+
+
+def test_log_line_names_the_device(server):
+    # The real TorchServe worker of the test suite: no GPU here, so the CPU.
+    log = server.workdir / "logs" / "model_log.log"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if log.exists() and "camserve shapes ready on device cpu" in log.read_text():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no device line in {log}")
+
+
+@pytest.mark.integration
+def test_bench_gpu_harness_runs_end_to_end_on_the_cpu(tmp_path):
+    # The GPU benchmark's own code path, on the CPU with the small shapes model, so that the
+    # first run on a GPU does not find a harness bug: in process, TorchServe, results file.
+    from bench import gpu
+
+    assert gpu.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)]) == 0
+    [result_file] = tmp_path.glob("*-gpu-smoke.json")
+    results = json.loads(result_file.read_text())
+    assert results["gpu"] == {"name": None, "device": "cpu"} and "bench.gpu" in results["command"]
+    for key in ("batch1", "batch2"):
+        entry = results["inprocess"][key]
+        assert entry["ratio_to_plain"] > 0 and set(entry["stats"]) == {"plain", "camserve"}
+        assert set(entry["throughput_images_per_s"]) == {"plain", "camserve"}
+    end_to_end = results["e2e"]["shapes"]
+    for variant in ("plain", "camserve"):
+        assert set(end_to_end["variants"][variant]["statuses"]) == {"200"}
+        # Each handler's load line names its device; here that is the CPU.
+        assert any("on device cpu" in line for line in results["e2e_worker_devices"][variant])
+    assert {"c1_p50_latency", "c8_throughput"} <= set(end_to_end["ratios"])
+    assert any(name.startswith("e2e camserve worker logged") for name in results["verdicts"])

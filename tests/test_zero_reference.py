@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from camserve.zero_reference import (
@@ -44,7 +45,7 @@ def test_empty_map_edge_cases_never_give_nan():
     assert float(total_variation(empty, full)) == 1.0
     alpha = torch.ones(1, 2, dtype=torch.float64)
     [result] = zero_reference(
-        empty, alpha, torch.zeros(1, 2), torch.ones(1, 2), (32, 32), ScoreSettings(), True
+        empty, alpha, torch.ones(1, 2), (32, 32), ScoreSettings(), True
     ).items()
     assert result.map_empty and result.score == 0.0 and result.centroid_shift_px is None
     assert result.region_iou == 1.0
@@ -115,12 +116,45 @@ def test_region_iou_and_centroid_shift():
 def test_stable_follows_the_threshold():
     maps = random_maps(4, seed=5)
     alpha = torch.randn(4, 3, dtype=torch.float64)
-    mean = torch.randn(4, 3, dtype=torch.float64)
     std = torch.rand(4, 3, dtype=torch.float64)
-    results = zero_reference(
-        maps, alpha, mean, std, (64, 64), ScoreSettings(0.1, 0.3), False
-    ).items()
+    results = zero_reference(maps, alpha, std, (64, 64), ScoreSettings(0.1, 0.3), False).items()
     for result in results:
         assert result.stable == (result.score <= 0.3)
         assert 0.0 <= result.score <= 1.0 and 0.0 <= result.worst_case.score <= 1.0
         assert result.compensable is False
+
+
+@pytest.mark.parametrize("calibrated", [False, True], ids=["image_mean", "calibration_mean"])
+@pytest.mark.parametrize("epsilon", [0.05, 0.5, 5.0])
+def test_fused_pass_equals_the_functions_one_by_one(calibrated, epsilon):
+    # zero_reference() computes everything in one fused pass; each function above computes
+    # one quantity on its own. Random maps from real (alpha, A) pairs, some of them empty.
+    g = torch.Generator().manual_seed(7)
+    activations = torch.rand(6, 16, 7, 7, generator=g, dtype=torch.float64)
+    alpha = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    alpha[0] = -alpha[0].abs()  # an empty map (A >= 0)
+    signed = (alpha[:, :, None, None] * activations).sum(1)
+    mean, std = activations.mean((2, 3)), activations.std((2, 3), correction=0)
+    calibration = (
+        ChannelStatistics(mean=mean.mean(0) * 1.3, std=std.mean(0)) if calibrated else None
+    )
+    batch = zero_reference(
+        signed, alpha, std, (56, 56), ScoreSettings(epsilon, 0.25), True, calibration
+    )
+    name, offset, radius = reference_offsets(alpha, mean, std, calibration, epsilon)
+    shifted = signed + offset[:, None, None]
+    worst_score, worst_offset = worst_case_offsets(signed, radius)
+    assert batch.reference == name and batch.map_empty[0]
+    torch.testing.assert_close(batch.offset, offset, atol=1e-12, rtol=0)
+    torch.testing.assert_close(batch.radius, radius, atol=1e-12, rtol=0)
+    torch.testing.assert_close(batch.score, total_variation(signed, shifted), atol=1e-12, rtol=0)
+    torch.testing.assert_close(batch.worst_score, worst_score, atol=1e-12, rtol=0)
+    recomputed = total_variation(signed, signed + batch.worst_offset[:, None, None])
+    torch.testing.assert_close(recomputed, worst_score, atol=1e-12, rtol=0)
+    torch.testing.assert_close(batch.region_iou, region_iou(signed, shifted), atol=0, rtol=0)
+    shift = (centroids_px(signed, (56, 56)) - centroids_px(shifted, (56, 56))).norm(dim=-1)
+    either_empty = batch.map_empty | batch.shifted_map_empty
+    torch.testing.assert_close(batch.centroid_shift_px[~either_empty], shift[~either_empty])
+    assert batch.centroid_shift_px[either_empty].isnan().all()
+    for item, score in zip(batch.cpu().items(), batch.score.tolist(), strict=True):
+        assert item.score == score and item.stable == (score <= 0.25)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from camserve.decode import decode_image
+from camserve.device import model_device
 from camserve.errors import InputError
 from camserve.explainer import Explainer
 from camserve.preprocess import Preprocessing
@@ -92,7 +93,9 @@ def activation_statistics(
     progress: bool = True,
 ) -> ChannelStatistics:
     """Run ``batches`` of preprocessed images through ``model`` and accumulate the
-    per-channel statistics of ``layer_name``'s output (a tqdm bar counts images)."""
+    per-channel statistics of ``layer_name``'s output (a tqdm bar counts images). The
+    batches run on the model's device; the statistics come back on the CPU."""
+    device = model_device(model)
     running = RunningChannelStatistics()
     layer = model.get_submodule(layer_name)
     handle = layer.register_forward_hook(lambda module, inputs, output: running.update(output))
@@ -103,11 +106,11 @@ def activation_statistics(
             tqdm(total=total_images, unit="img", desc="calibrating", disable=not progress) as bar,
         ):
             for batch in batches:
-                model(batch)
+                model(batch.to(device))
                 bar.update(batch.shape[0])
     finally:
         handle.remove()
-    return running.result()
+    return running.result().to("cpu")
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -210,16 +213,17 @@ def calibrate_model_dir(
     batch_size: int = 32,
     progress: bool = True,
     baseline_images: Iterable[Image.Image] | None = None,
+    device: str | torch.device = "cpu",
 ) -> ChannelStatistics:
-    """Compute the statistics for the model in ``model_dir``, write ``calibration.pt`` there
-    and name it under ``calibration:`` in its ``model-config.yaml``.
+    """Compute the statistics for the model in ``model_dir`` on ``device``, write
+    ``calibration.pt`` there and name it under ``calibration:`` in its ``model-config.yaml``.
 
     ``baseline_images`` (the same images again: ``images`` is read once) add the score
     baseline; without them the file has none and the server reports no drift."""
     model_dir = Path(model_dir)
     section = yaml.safe_load((model_dir / MODEL_CONFIG).read_text())["handler"]
     section.pop("calibration", None)  # old statistics play no part (and may be missing)
-    explainer = Explainer.from_directory(model_dir, section)
+    explainer = Explainer.from_directory(model_dir, section, device=device)
     config = explainer.config
     statistics = activation_statistics(
         explainer.model,
@@ -267,6 +271,7 @@ def calibrate_archive(
     limit: int | None = None,
     skip_unreadable: bool = False,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> tuple[Path, ChannelStatistics]:
     """Calibrate ``archive`` on the images under ``image_folder`` and write a new archive
     (default: ``<name>_calibrated.mar`` next to the input); returns its path and the stats."""
@@ -300,6 +305,7 @@ def calibrate_archive(
             batch_size=batch_size,
             progress=progress,
             baseline_images=read_images(files, max_pixels, skip_unreadable),
+            device=device,
         )
         version = manifest["model"].get("modelVersion", "1.0")
         return build_archive(unpacked, name, export_path, version), statistics

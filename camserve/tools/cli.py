@@ -92,6 +92,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             args.model_dir, images, f"{len(files)} files under {args.images}", len(files),
             args.batch_size,
             baseline_images=calibrate.read_images(files, args.max_pixels, args.skip_unreadable),
+            device=args.device,
         )  # fmt: skip
         print(f"wrote {args.model_dir / calibrate.CALIBRATION_FILE} ({stats.count} images)")
         return 0
@@ -103,6 +104,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
         skip_unreadable=args.skip_unreadable,
+        device=args.device,
     )
     print(f"calibrated on {stats.count} images; wrote {path}")
     return 0
@@ -229,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--limit", type=int, help="use at most this many images")
     calibrate.add_argument("--skip-unreadable", action="store_true")
     calibrate.add_argument("--max-pixels", type=int, default=40_000_000)
+    calibrate.add_argument(
+        "--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1 (default cpu)"
+    )
     calibrate.set_defaults(run=_calibrate)
 
     bundle = commands.add_parser(
