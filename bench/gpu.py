@@ -146,7 +146,7 @@ def gpu_description(device: torch.device) -> dict:
     }
 
 
-def verdicts(inproc: dict, end_to_end: dict, device_lines: dict) -> dict:
+def verdicts(inproc: dict, end_to_end: dict, device_lines: dict, device: torch.device) -> dict:
     checks = {}
     for key, value in inproc.items():
         if int(key.removeprefix("batch")) not in JUDGED_BATCHES:
@@ -161,8 +161,10 @@ def verdicts(inproc: dict, end_to_end: dict, device_lines: dict) -> dict:
                 memory <= TARGETS["peak_memory_ratio_max"]
             )
     for variant, lines in device_lines.items():
+        # TorchServe must have given the worker the GPU, and the handler must have used it.
+        on_device = [line for line in lines if f"on device {device.type}" in line]
         checks[f"e2e {variant} worker logged its device: {lines[-1] if lines else None}"] = bool(
-            lines
+            on_device
         )
     for model, value in end_to_end.items():
         for name, ratio in value["ratios"].items():
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         print(problem, file=sys.stderr)
         return NO_CUDA_EXIT
     if device.type == "cuda":
+        if device.index is None:  # set_device and friends want an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     if args.smoke:
@@ -211,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
         "started": started.isoformat(timespec="seconds"),
         "machine": machine(),
         "gpu": gpu_description(device),
-        "model": f"{arch}, random weights, input {image_size if arch != 'resnet50' else 224}",
         "targets": TARGETS,
     }
     with tempfile.TemporaryDirectory(prefix="camserve-bench-gpu-") as work:
@@ -220,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         from camserve.explainer import Explainer
 
         explainer = Explainer.from_directory(model_dir, device=device)
+        size = "x".join(map(str, explainer.config.preprocessing.input_size))
+        results["model"] = f"{arch} ({'trained' if arch == 'shapes' else 'random'} weights), {size}"
         results["inprocess"] = inprocess(explainer, batches, repeats, device)
         del explainer
         if device.type == "cuda":
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     device_lines = results["e2e"][arch].pop("device_lines")
     results["e2e_worker_devices"] = device_lines
-    checks = verdicts(results["inprocess"], results["e2e"], device_lines)
+    checks = verdicts(results["inprocess"], results["e2e"], device_lines, device)
     results["verdicts"] = checks
     results["seconds"] = round((datetime.datetime.now(datetime.UTC) - started).total_seconds(), 1)
     args.out.mkdir(parents=True, exist_ok=True)
