@@ -51,6 +51,8 @@ def machine() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
+        # The machine may be shared: what else was running when the run started.
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
     }
 
 
