@@ -8,8 +8,8 @@ pass: everything here is arithmetic on (M, alpha), batched, on the maps' device.
 
 Example::
 
-    batch = zero_reference(signed_map, alpha, channel_mean, channel_std, (64, 64),
-                           ScoreSettings(), compensable=True)
+    batch = zero_reference(signed_map, alpha, channel_std, (64, 64), ScoreSettings(),
+                           compensable=True)     # channel_std: None with calibration
     [first, *rest] = batch.cpu().items()      # one ZeroReference per image
     first.score, first.worst_case.score
 """
