@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench import e2e
-from bench.run import RESULTS, machine
+from bench.run import RESULTS, machine, write_results
 from bench.timing import summarise
 
 NO_CUDA_EXIT = 2
@@ -237,12 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     checks = verdicts(results["inprocess"], results["e2e"], device_lines, device)
     results["verdicts"] = checks
     results["seconds"] = round((datetime.datetime.now(datetime.UTC) - started).total_seconds(), 1)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{started:%Y-%m-%d}-{args.name}{'-smoke' if args.smoke else ''}"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    for check, ok in checks.items():
-        print(("PASS " if ok else "MISS ") + check)
-    print(f"wrote {args.out / (stem + '.json')} in {results['seconds']} s")
+    path = write_results(results, args.out, stem)
+    print(f"wrote {path} in {results['seconds']} s")
     return 0
 
 

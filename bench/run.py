@@ -88,6 +88,16 @@ def verdicts(inproc: dict, end_to_end: dict, encode: dict) -> dict:
     return checks
 
 
+def write_results(results: dict, out: Path, stem: str) -> Path:
+    """Write ``<out>/<stem>.json`` and print one PASS/MISS line per verdict."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    for check, ok in results["verdicts"].items():
+        print(("PASS " if ok else "MISS ") + check)
+    return path
+
+
 def chart(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -185,13 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     checks = verdicts(results["inprocess"], results["e2e"], results["encode"])
     results["verdicts"] = checks
     results["seconds"] = round((datetime.datetime.now(datetime.UTC) - started).total_seconds(), 1)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{started:%Y-%m-%d}-{args.name}{'-smoke' if args.smoke else ''}"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    chart(results, args.out / f"{stem}.png")
-    for check, ok in checks.items():
-        print(("PASS " if ok else "MISS ") + check)
-    print(f"wrote {args.out / (stem + '.json')} and .png in {results['seconds']} s")
+    path = write_results(results, args.out, stem)
+    chart(results, path.with_suffix(".png"))
+    print(f"wrote {path} and .png in {results['seconds']} s")
     return 0
 
 
