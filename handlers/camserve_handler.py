@@ -19,6 +19,7 @@ from camserve.encode_json import error_json, explanation_json
 from camserve.encode_png import PNG_MEDIA_TYPE, accepts_png, overlay_png
 from camserve.errors import InputError, bounded_message
 from camserve.explainer import Explainer
+from camserve.kserve_protocol import KServeRequest, encode_response, read_request
 from camserve.request import is_v2_input, parse_item, several_v2_inputs
 from camserve.response_budget import check_fits, frontend_config_path, max_response_size
 from camserve.telemetry import Telemetry
@@ -79,7 +80,13 @@ class CamServeHandler(BaseHandler):
             return [body] * len(data)
         responses: list = [None] * len(data)
         prepared = []
+        # KServe v1/v2 bodies: item index -> (request, one outcome per image it carries).
+        kserve: dict[int, tuple[KServeRequest, list]] = {}
         for index, item in enumerate(data):
+            request = read_request(item, explain=_is_explain(context, index))
+            if request is not None:
+                kserve[index] = (request, self._prepare_kserve(request, index, prepared))
+                continue
             try:
                 with self.telemetry.timed("decode"):
                     parsed = parse_item(
@@ -95,23 +102,54 @@ class CamServeHandler(BaseHandler):
                 responses[index] = self._error(
                     context, index, "internal_error", f"request could not be read: {err}", 500
                 )
-        for index, result in self._explain_isolated(prepared, context, responses):
+        for index, result in self._explain_isolated(prepared, context, responses, kserve):
             try:
                 with self.telemetry.timed("encode"):
-                    responses[index] = self._answer(context, index, data[index], result)
+                    if isinstance(index, tuple):  # (item, image) of a KServe request
+                        kserve[index[0]][1][index[1]] = explanation_json(result)
+                    else:
+                        responses[index] = self._answer(context, index, data[index], result)
                 shown = result.explained
                 self.telemetry.explained(shown.zero_reference, shown.index, result.requested)
             except InputError as err:  # the answer does not fit max_response_size
                 responses[index] = self._error(context, index, err.code, err.message, err.status)
             except Exception as err:  # noqa: BLE001 - an encoder bug must not fail the batch
-                log.exception("item %d could not be encoded", index)
-                responses[index] = self._error(
-                    context, index, "internal_error", f"answer could not be encoded: {err}", 500
-                )
+                log.exception("item %s could not be encoded", index)
+                message = f"answer could not be encoded: {err}"
+                if isinstance(index, tuple):
+                    self.telemetry.error("internal_error")
+                    kserve[index[0]][1][index[1]] = error_json("internal_error", message, 500)
+                else:
+                    responses[index] = self._error(context, index, "internal_error", message, 500)
+        for index, (request, outcomes) in kserve.items():
+            responses[index] = self._kserve_answer(context, index, request, outcomes)
         log.info("camserve batch: %d items, %d rejected", len(data), len(data) - len(prepared))
         return responses
 
-    def _explain_isolated(self, prepared, context, responses):
+    def _prepare_kserve(self, request: KServeRequest, index: int, prepared: list) -> list:
+        """Queue a KServe request's images for explanation; the outcomes list receives
+        an error JSON now for each refused image and the answers after explaining."""
+        outcomes: list = [None] * len(request.images)
+        if request.error:
+            self.telemetry.error(request.error.code)
+        for slot, image in enumerate(request.images):
+            try:
+                with self.telemetry.timed("decode"):
+                    if isinstance(image, InputError):
+                        raise image
+                    prepared.append(((index, slot), self.explainer.prepare(image)))
+            except InputError as err:
+                self.telemetry.error(err.code)
+                outcomes[slot] = err.to_json()
+            except Exception as err:  # noqa: BLE001 - a decoder bug must not fail the batch
+                log.exception("item %d image %d could not be prepared", index, slot)
+                self.telemetry.error("internal_error")
+                outcomes[slot] = error_json(
+                    "internal_error", f"request could not be read: {err}", 500
+                )
+        return outcomes
+
+    def _explain_isolated(self, prepared, context, responses, kserve):
         """Explain the batch; if it fails, retry item by item so one poison input
         cannot take the others down."""
         if not prepared:
@@ -131,7 +169,13 @@ class CamServeHandler(BaseHandler):
             try:
                 results.append((index, self.explainer.explain([item], self.telemetry.stage)[0]))
             except Exception as err:  # noqa: BLE001
-                log.exception("item %d failed", index)
+                log.exception("item %s failed", index)
+                if isinstance(index, tuple):  # an image of a KServe request
+                    self.telemetry.error("internal_error")
+                    kserve[index[0]][1][index[1]] = error_json(
+                        "internal_error", f"explanation failed: {err}", 500
+                    )
+                    continue
                 responses[index] = self._error(
                     context, index, "internal_error", f"explanation failed: {err}", 500
                 )
@@ -148,6 +192,22 @@ class CamServeHandler(BaseHandler):
         too_large = check_fits(len(answer), self.max_response_size)
         if too_large is not None:
             raise too_large
+        return answer
+
+    def _kserve_answer(self, context, index: int, request: KServeRequest, outcomes) -> str:
+        """The KServe body; refused as a whole when it would exceed max_response_size."""
+        version = str(context.manifest["model"].get("modelVersion", ""))
+        request_id = context.get_request_id(index)
+        status, body = encode_response(request, outcomes, self.model_name, version, request_id)
+        answer = self._json(context, index, body)
+        too_large = check_fits(len(answer), self.max_response_size)
+        if too_large is not None:
+            self.telemetry.error(too_large.code)
+            request.error = too_large
+            status, body = encode_response(request, [], self.model_name, version, request_id)
+            answer = self._json(context, index, body)
+        if status != 200:
+            context.set_response_status(status, "camserve error", idx=index)
         return answer
 
     def _error(self, context, index: int, code: str, message: str, status: int) -> str:
@@ -169,6 +229,11 @@ def _wants_png(context, index: int, item) -> bool:
     return accepts_png(context.get_request_header(index, "Accept")) or accepts_png(
         context.get_request_header(index, "accept")
     )
+
+
+def _is_explain(context, index: int) -> bool:
+    """/explanations and KServe's :explain set the ``explain`` header on their own item."""
+    return context.get_request_header(index, "explain") == "True"
 
 
 def _is_json(context, index: int) -> bool:
