@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import importlib
 import json
+import subprocess
 import sys
 import uuid
 import zipfile
@@ -393,6 +394,28 @@ def test_camserve_metrics_are_exported_under_kserve(kserve_server, wrapper):
         line.startswith("camserve_explanations_total") and float(line.split()[-1]) >= 1
         for line in metrics.splitlines()
     )
+
+
+@pytest.mark.integration
+def test_the_documented_tritonclient_example_works(kserve_server, tmp_path):
+    """examples/kserve_tritonclient.py (docs/deployment.md) against TorchServe's v2 route, the
+    route the wrapper forwards to; by hand it also worked through the real wrapper."""
+    host = kserve_server.inference_url.removeprefix("http://")
+    script = REPO / "examples" / "kserve_tritonclient.py"
+
+    def run(image: Path) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(script), host, str(image)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    done = run(REPO / "examples" / "star.png")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert [p["label"] for p in answer["predictions"]][:1] == ["star"]
+    assert len(answer["predictions"]) == 2 and "score" in answer["zero_reference"]
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("not an image")
+    refused = run(not_an_image)
+    assert refused.returncode == 1 and "refused: undecodable_image (422)" in refused.stderr
 
 
 # grpc-v2 ----------------------------------------------------------------------------------------
