@@ -49,10 +49,7 @@ V1_IMAGE_FIELDS = ("image", "data", "b64")
 # Request-level parameters that clients and codecs set about the transport, not about the
 # explanation: tritonclient adds binary_data_output, the v2 codecs add content_type.
 TRANSPORT_PARAMETERS = frozenset({"binary_data_output", "content_type"})
-# The metadata camserve would declare for GET /v2/models/<m>; kserve 0.13's TorchServe
-# wrapper answers that route itself with empty lists (see docs/deployment.md).
-MODEL_INPUTS = [{"name": "image", "datatype": "BYTES", "shape": [1]}]
-MODEL_OUTPUTS = [{"name": EXPLANATION_OUTPUT, "datatype": "BYTES", "shape": [1]}]
+IMAGE_INPUT = "image"
 
 
 @dataclass
@@ -87,6 +84,28 @@ def read_request(item: dict, explain: bool = False) -> KServeRequest | None:
     if "instances" in body:
         return _read_v1(body, explain)
     return None
+
+
+def model_metadata(model_name: str, model_version: str) -> dict:
+    """The v2 model metadata camserve declares: one BYTES image in, one BYTES JSON out.
+
+    kserve 0.13's wrapper answers ``GET /v2/models/<m>`` itself, with empty inputs and
+    outputs, and never asks TorchServe; TorchServe's describe API
+    (``GET /models/<m>?customized=true``) returns this as ``customizedMetadata``, which the
+    wrapper waits for when the pod sets ``MODEL_LOAD_CUSTOMIZED=true``.
+    """
+    options = {name: "parameter or input tensor" for name in OPTION_FIELDS}
+    return {
+        "name": model_name,
+        "versions": [model_version],
+        "platform": "pytorch_torchserve",
+        "inputs": [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [1]}],
+        "outputs": [
+            {"name": EXPLANATION_OUTPUT, "datatype": "BYTES", "shape": [1]},
+            {"name": ERROR_OUTPUT, "datatype": "BYTES", "shape": [1]},
+        ],
+        "parameters": options,
+    }
 
 
 def is_error(outcome: dict) -> bool:

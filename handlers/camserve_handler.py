@@ -19,7 +19,12 @@ from camserve.encode_json import error_json, explanation_json
 from camserve.encode_png import PNG_MEDIA_TYPE, accepts_png, overlay_png
 from camserve.errors import InputError, bounded_message
 from camserve.explainer import Explainer
-from camserve.kserve_protocol import KServeRequest, encode_response, read_request
+from camserve.kserve_protocol import (
+    KServeRequest,
+    encode_response,
+    model_metadata,
+    read_request,
+)
 from camserve.request import is_v2_input, parse_item, several_v2_inputs
 from camserve.response_budget import check_fits, frontend_config_path, max_response_size
 from camserve.telemetry import Telemetry
@@ -68,6 +73,9 @@ class CamServeHandler(BaseHandler):
         self.initialized = True
 
     def handle(self, data, context):
+        if context.get_request_header(0, "describe") == "True":  # GET /models/<m>?customized
+            version = str(context.manifest["model"].get("modelVersion", ""))
+            return [json.dumps(model_metadata(self.model_name, version))]
         with self.telemetry.handling():  # HandlerTime, as BaseHandler.handle records it
             return self._handle(data, context)
 

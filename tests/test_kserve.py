@@ -347,6 +347,18 @@ def test_v1_request_level_mistake(wrapper):
 
 
 @pytest.mark.integration
+def test_describe_declares_the_v2_metadata(kserve_server):
+    # What the wrapper polls for readiness with MODEL_LOAD_CUSTOMIZED=true.
+    url = f"{kserve_server.management_url}/models/shapes?customized=true"
+    [described] = requests.get(url, timeout=60).json()
+    assert any(w["status"] == "READY" for w in described["workers"])
+    metadata = described["customizedMetadata"]
+    metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
+    assert metadata["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [1]}]
+    assert [o["name"] for o in metadata["outputs"]] == [EXPLANATION_OUTPUT, ERROR_OUTPUT]
+
+
+@pytest.mark.integration
 def test_plain_torchserve_requests_keep_their_4xx(kserve_server):
     # The same server still answers /predictions with real statuses.
     response = requests.post(
