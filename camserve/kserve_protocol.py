@@ -30,6 +30,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 
+from camserve.encode_json import error_json
 from camserve.errors import (
     BAD_OPTION,
     EMPTY_BODY,
@@ -126,12 +127,13 @@ def encode_response(
     Client mistakes (4xx codes) are answered with 200 and a typed error; a server fault
     (5xx) keeps its status, so KServe's 500 and the 5xx alerts mean a server problem.
     """
-    errors = [request.error.to_json()] if request.error else []
+    refusal = _error(request.error) if request.error else None
+    errors = [refusal] if refusal else []
     errors += [o for o in outcomes if is_error(o)]
     status = max([200] + [e["status"] for e in errors if e["status"] >= 500])
     if request.protocol == V1:
         if request.error:
-            return status, {"error": request.error.to_json()}
+            return status, {"error": refusal}
         key = "explanations" if request.explain else "predictions"
         return status, {key: [{"error": o} if is_error(o) else o for o in outcomes]}
     [outcome] = errors or outcomes
@@ -297,6 +299,10 @@ def _check_outputs(outputs) -> None:
             UNKNOWN_OPTION,
             f"unknown v2 output(s) {unknown}; camserve answers with '{EXPLANATION_OUTPUT}'",
         )
+
+
+def _error(err: InputError) -> dict:
+    return error_json(err.code, err.message, err.status)
 
 
 def _try(parse, value) -> ParsedRequest | InputError:

@@ -148,7 +148,7 @@ class CamServeHandler(BaseHandler):
                     prepared.append(((index, slot), self.explainer.prepare(image)))
             except InputError as err:
                 self.telemetry.error(err.code)
-                outcomes[slot] = err.to_json()
+                outcomes[slot] = error_json(err.code, err.message, err.status)
             except Exception as err:  # noqa: BLE001 - a decoder bug must not fail the batch
                 log.exception("item %d image %d could not be prepared", index, slot)
                 self.telemetry.error("internal_error")
