@@ -44,13 +44,13 @@ from camserve.request import OPTION_FIELDS, ParsedRequest, decode_base64, parse_
 
 V1 = "v1"
 V2 = "v2"
+IMAGE_INPUT = "image"  # the name camserve declares; any name that is not an option works
 EXPLANATION_OUTPUT = "explanation"
 ERROR_OUTPUT = "error"
 V1_IMAGE_FIELDS = ("image", "data", "b64")
 # Request-level parameters that clients and codecs set about the transport, not about the
 # explanation: tritonclient adds binary_data_output, the v2 codecs add content_type.
 TRANSPORT_PARAMETERS = frozenset({"binary_data_output", "content_type"})
-IMAGE_INPUT = "image"
 
 
 @dataclass

@@ -143,7 +143,9 @@ class WrapperRest:
         self.base = server.inference_url
         self.model = model
 
-    def v2_infer(self, client_body: dict, request_id: str | None = None) -> requests.Response:
+    def v2_infer(
+        self, client_body: dict, request_id: str | None = None, path: str | None = None
+    ) -> requests.Response:
         inputs = []
         for tensor in client_body["inputs"]:
             rebuilt = {k: tensor[k] for k in ("name", "shape", "datatype")}
@@ -154,10 +156,15 @@ class WrapperRest:
         body = {"id": client_body.get("id") or str(uuid.uuid4()), "inputs": inputs}
         if client_body.get("parameters"):
             body["parameters"] = client_body["parameters"]
-        return self._post(f"/v2/models/{self.model}/infer", body, request_id, json_type=True)
+        path = path or f"/v2/models/{self.model}/infer"
+        return self._post(path, body, request_id, json_type=True)
 
     def v1_predict(self, client_body: dict, request_id: str | None = None) -> requests.Response:
         return self._post(f"/v1/models/{self.model}:predict", client_body, request_id, True)
+
+    def v2_under_v1(self, client_body: dict) -> requests.Response:
+        """protocolVersion v1: a client's v2 request goes to the v1 route, rebuilt as above."""
+        return self.v2_infer(client_body, path=f"/v1/models/{self.model}:predict")
 
     def v1_explain(self, client_body: dict) -> requests.Response:
         return self._post(f"/v1/models/{self.model}:explain", client_body, None, False)
@@ -302,6 +309,12 @@ def test_v2_client_mistakes_are_200_with_an_error_output(wrapper, tensors, param
 
 
 @pytest.mark.integration
+def test_v2_body_on_the_v1_route(wrapper):
+    answer = v2_answer(wrapper.v2_under_v1({"inputs": [image_tensor(37)]}))
+    assert answer["predictions"][0]["label"] == CLASSES[held_out(37).label]
+
+
+@pytest.mark.integration
 def test_v1_one_answer_per_instance(wrapper):
     samples = [held_out(i) for i in (40, 41)]
     instances = [
@@ -348,9 +361,12 @@ def test_v1_request_level_mistake(wrapper):
 
 @pytest.mark.integration
 def test_describe_declares_the_v2_metadata(kserve_server):
-    # What the wrapper polls for readiness with MODEL_LOAD_CUSTOMIZED=true.
-    url = f"{kserve_server.management_url}/models/shapes?customized=true"
-    [described] = requests.get(url, timeout=60).json()
+    # What the wrapper polls for readiness: a READY worker (MODEL_LOAD_CUSTOMIZED=false), and
+    # customizedMetadata as well with MODEL_LOAD_CUSTOMIZED=true.
+    url = f"{kserve_server.management_url}/models/shapes?customized="
+    [plain] = requests.get(url + "false", timeout=60).json()
+    assert any(w["status"] == "READY" for w in plain["workers"])
+    [described] = requests.get(url + "true", timeout=60).json()
     assert any(w["status"] == "READY" for w in described["workers"])
     metadata = described["customizedMetadata"]
     metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
