@@ -40,7 +40,13 @@ from camserve.errors import (
     InputError,
     input_error,
 )
-from camserve.request import OPTION_FIELDS, ParsedRequest, decode_base64, parse_options
+from camserve.request import (
+    OPTION_FIELDS,
+    ParsedRequest,
+    decode_base64,
+    parse_json_body,
+    parse_options,
+)
 
 V1 = "v1"
 V2 = "v2"
@@ -152,11 +158,10 @@ def _json_object(payload) -> dict | None:
     if isinstance(payload, dict):
         return payload
     if isinstance(payload, bytes | bytearray | str) and payload[:1] in (b"{", "{"):
-        try:
-            body = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+        try:  # hardened parsing (depth, encodings); a bad body is left to the plain parser
+            return parse_json_body(payload)
+        except InputError:
             return None
-        return body if isinstance(body, dict) else None
     return None
 
 

@@ -37,6 +37,8 @@ def v2_tensor(data, **extra) -> dict:
         {"data": b"not json {"},
         {"body": {"inputs": []}, "topk": b"3"},  # a form, not a KServe body
         {"body": b"{broken json"},
+        {"body": b'{"inputs": ' * 5000},  # deeper than the parser's stack
+        {"data": b'{"inputs": [], "inputs": []}'},  # a repeated key
     ],
 )
 def test_non_kserve_items_are_left_to_the_plain_parser(item):
