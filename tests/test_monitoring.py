@@ -848,12 +848,13 @@ def test_alerts_on_live_traffic(server, prometheus, shapes_explainer, capsys):
     server_errors = 0
     for _ in range(4):  # a kill can land between batches; bounded retries
         [worker] = worker_processes(server)
+        # A stream of 96 posts from 24 clients keeps a batch in flight when the kill lands.
         with ThreadPoolExecutor(24) as pool:
             futures = [
                 pool.submit(lambda i=i: post(server, data=png_bytes(held_out(i).image)))
-                for i in range(600, 624)
+                for i in range(600, 696)
             ]
-            time.sleep(0.3)
+            time.sleep(0.5)
             os.kill(worker.pid, signal.SIGKILL)
             statuses = [future.result().status_code for future in futures]
         wait_worker_ready(server, worker.pid, PHASE_TIMEOUT_S)
