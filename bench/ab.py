@@ -92,10 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batches:
         prepared = prepared_batch(after, batch)
         x = torch.stack([item.tensor for item in prepared])
+        # The older core's PreparedImage may have other fields (an ``image`` it kept).
+        fields = before_module.PreparedImage.__dataclass_fields__
+        values = {"image": None, "requested_class": None, "target": None}
         old = [
             before_module.PreparedImage(
-                tensor=p.tensor, image=None, options=p.options, requested_class=None, topk=p.topk
-            )
+                **{k: v for k, v in values.items() if k in fields},
+                tensor=p.tensor,
+                options=p.options,
+                topk=p.topk,
+            )  # fmt: skip
             for p in prepared
         ]
 

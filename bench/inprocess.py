@@ -60,7 +60,6 @@ def prepared_batch(
     return [
         PreparedImage(
             tensor=x[i],
-            image=None,
             options=options,
             requested_class=None,
             topk=explainer.config.topk,

@@ -129,10 +129,13 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """One decoded, preprocessed request, ready for a batch."""
+    """One decoded, preprocessed request, ready for a batch.
+
+    Only the network's input is kept, not the decoded image: a 40 Mpx upload would otherwise
+    hold ~115 MiB until its batch is answered (the overlay is drawn on the input tensor).
+    """
 
     tensor: Tensor  # (3, H, W), the network's input
-    image: Image.Image  # the decoded RGB image
     options: RequestOptions
     requested_class: int | None  # ``options.target`` resolved to a class index; None: top-1
     topk: int
@@ -302,7 +305,6 @@ class Explainer:
         options = options or RequestOptions()
         return PreparedImage(
             tensor=self.config.preprocessing(image),
-            image=image,
             options=options,
             requested_class=requested_class,
             topk=min(options.topk or self.config.topk, len(self.labels)),
