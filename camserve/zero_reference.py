@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from camserve.maps import mass, peak_normalised
+from camserve.maps import mass
 
 IMAGE_MEAN = "image_mean"
 CALIBRATION_MEAN = "calibration_mean"
@@ -147,25 +147,6 @@ class ZeroReferenceBatch:
         ]
 
 
-def reference_offsets(
-    alpha: Tensor,
-    channel_mean: Tensor,
-    channel_std: Tensor,
-    calibration: ChannelStatistics | None,
-    epsilon: float,
-) -> tuple[str, Tensor, Tensor]:
-    """Return (reference name, offset c per image, worst-case radius r per image)."""
-    if calibration is None:
-        name, mu, sigma = IMAGE_MEAN, channel_mean, channel_std
-    else:
-        name = CALIBRATION_MEAN
-        mu = calibration.mean.to(alpha)[None, :]
-        sigma = calibration.std.to(alpha)[None, :]
-    offset = -(alpha * mu).sum(dim=1)
-    radius = epsilon * (alpha.abs() * sigma).sum(dim=1)
-    return name, offset, radius
-
-
 def total_variation(maps: Tensor, shifted: Tensor) -> Tensor:
     """TV(P(M), P(M')) in [0, 1]; 1 if exactly one map is empty, 0 if both are."""
     p, p_empty = mass(maps)
@@ -173,55 +154,6 @@ def total_variation(maps: Tensor, shifted: Tensor) -> Tensor:
     tv = 0.5 * (p - q).abs().sum(dim=(-2, -1))
     tv = torch.where(p_empty != q_empty, torch.ones_like(tv), tv)
     return torch.where(p_empty & q_empty, torch.zeros_like(tv), tv)
-
-
-def shifted_total_variation(maps: Tensor, offsets: Tensor) -> Tensor:
-    """TV(P(M), P(M + c)) for each image (N) and each of its offsets (N, C): shape (N, C)."""
-    return total_variation(maps[:, None], maps[:, None] + offsets[:, :, None, None])
-
-
-def worst_case_candidates(maps: Tensor, radius: Tensor) -> Tensor:
-    """Offsets that contain the largest TV(P(M), P(M + c)) over c in [-r, r].
-
-    Between two consecutive cut-offs c = -M_ij the active set is fixed and the TV is a convex
-    function over a positive affine one, hence quasi-convex, so its maximum on each piece sits
-    at a piece's end (docs/score.md#worst-case). The candidates {-r, r} and the cut-offs inside
-    (-r, r) therefore contain the exact maximum.
-    """
-    r = radius[:, None]
-    cut_offs = -maps.flatten(1)
-    inside = cut_offs.abs() < r
-    return torch.cat([-r, r, torch.where(inside, cut_offs, -r)], dim=1)
-
-
-def worst_case_offsets(maps: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
-    """Largest TV(P(M), P(M + c)) over c in [-r, r], and the c that attains it."""
-    candidates = worst_case_candidates(maps, radius)
-    scores = shifted_total_variation(maps, candidates)
-    best = scores.argmax(dim=1, keepdim=True)
-    return scores.gather(1, best)[:, 0], candidates.gather(1, best)[:, 0]
-
-
-def region_iou(maps: Tensor, shifted: Tensor, level: float = 0.5) -> Tensor:
-    """IoU of {D >= level} with D = ReLU(.)/max; 1 when both regions are empty."""
-    a, b = _region(maps, level), _region(shifted, level)
-    intersection = (a & b).sum(dim=(-2, -1)).to(maps.dtype)
-    union = (a | b).sum(dim=(-2, -1)).to(maps.dtype)
-    return torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
-
-
-def _region(maps: Tensor, level: float) -> Tensor:
-    normalised = peak_normalised(maps)
-    return (normalised >= level) & (normalised > 0)
-
-
-def centroids_px(maps: Tensor, input_size: tuple[int, int]) -> Tensor:
-    """Centroid (y, x) of each map's mass, in input pixels (cell centres)."""
-    p = mass(maps)[0]
-    h, w = p.shape[-2:]
-    ys = (torch.arange(h, dtype=p.dtype, device=p.device) + 0.5) * (input_size[0] / h)
-    xs = (torch.arange(w, dtype=p.dtype, device=p.device) + 0.5) * (input_size[1] / w)
-    return torch.stack([(p.sum(-1) * ys).sum(-1), (p.sum(-2) * xs).sum(-1)], dim=-1)
 
 
 def zero_reference(
@@ -241,8 +173,8 @@ def zero_reference(
     One fused pass, because on maps this small the cost is the number of tensor operations
     (kernel launches on a GPU), not their size: the map itself, the reference shift and every
     worst-case candidate are the columns of one (N, 4 + hw, hw) stack, normalised and compared
-    at once. The functions above compute each quantity on its own; the tests hold the two
-    ways equal.
+    at once. ``tests/score_reference.py`` defines each quantity on its own, the slow and
+    obvious way; the tests hold the two equal.
     """
     n, h, w = signed_map.shape
     maps = signed_map.reshape(n, h * w).double()

@@ -8,12 +8,14 @@ import torch
 from camserve.zero_reference import (
     ChannelStatistics,
     ScoreSettings,
+    total_variation,
+    zero_reference,
+)
+from tests.score_reference import (
     centroids_px,
     reference_offsets,
     region_iou,
-    total_variation,
     worst_case_offsets,
-    zero_reference,
 )
 
 
@@ -127,8 +129,8 @@ def test_stable_follows_the_threshold():
 @pytest.mark.parametrize("calibrated", [False, True], ids=["image_mean", "calibration_mean"])
 @pytest.mark.parametrize("epsilon", [0.05, 0.5, 5.0])
 def test_fused_pass_equals_the_functions_one_by_one(calibrated, epsilon):
-    # zero_reference() computes everything in one fused pass; each function above computes
-    # one quantity on its own. Random maps from real (alpha, A) pairs, some of them empty.
+    # zero_reference() computes everything in one fused pass; tests/score_reference.py
+    # computes one quantity at a time. Random maps from real (alpha, A) pairs, some of them empty.
     g = torch.Generator().manual_seed(7)
     activations = torch.rand(6, 16, 7, 7, generator=g, dtype=torch.float64)
     alpha = torch.randn(6, 16, generator=g, dtype=torch.float64)
