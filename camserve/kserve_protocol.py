@@ -38,6 +38,8 @@ from camserve.errors import (
     MISSING_IMAGE,
     UNKNOWN_OPTION,
     InputError,
+    excerpt,
+    excerpt_names,
     input_error,
 )
 from camserve.request import (
@@ -168,11 +170,12 @@ def _json_object(payload) -> dict | None:
 def _read_v1(body: dict, explain: bool) -> KServeRequest:
     request = KServeRequest(V1, explain)
     instances = body["instances"]
-    unknown = sorted(set(body) - {"instances"})
+    unknown = set(body) - {"instances"}
     if unknown:
         request.error = input_error(
             UNKNOWN_OPTION,
-            f"unknown field(s) {unknown} in a v1 request; options go inside each instance",
+            f"unknown field(s) {excerpt_names(unknown)} in a v1 request; options go inside "
+            "each instance",
         )
     elif not isinstance(instances, list) or not instances:
         request.error = input_error(EMPTY_BODY, "'instances' must be a non-empty list")
@@ -190,12 +193,13 @@ def _v1_instance(instance) -> ParsedRequest:
             MISSING_IMAGE,
             "a v1 instance is a base64 image or an object {'image': <base64>, options...}",
         )
-    unknown = sorted(set(instance) - set(V1_IMAGE_FIELDS) - set(OPTION_FIELDS))
+    unknown = set(instance) - set(V1_IMAGE_FIELDS) - set(OPTION_FIELDS)
     keys = [key for key in instance if key in V1_IMAGE_FIELDS]
     if unknown:
         raise input_error(
             UNKNOWN_OPTION,
-            f"unknown field(s) {unknown} in a v1 instance; send 'image' (base64) and the "
+            f"unknown field(s) {excerpt_names(unknown)} in a v1 instance; send 'image' "
+            "(base64) and the "
             f"options {list(OPTION_FIELDS)}",
         )
     if len(keys) != 1:
@@ -232,7 +236,7 @@ def _v2_image(body: dict, via_grpc: bool) -> ParsedRequest:
         raise input_error(
             MISSING_IMAGE,
             f"the v2 image input must have datatype BYTES holding one base64 image, "
-            f"got {image.get('datatype')!r}",
+            f"got {excerpt(image.get('datatype'))}",
         )
     _check_outputs(body.get("outputs"))
     options = _parameters(body.get("parameters"), "request", TRANSPORT_PARAMETERS)
@@ -274,7 +278,7 @@ def _option_value(tensor: dict, via_grpc: bool):
         try:
             value = base64.b64decode(value, validate=True).decode("utf-8")
         except (binascii.Error, ValueError) as err:
-            raise input_error(BAD_OPTION, f"option {tensor['name']!r}: {err}") from None
+            raise input_error(BAD_OPTION, f"option {excerpt(tensor['name'])}: {err}") from None
     return value
 
 
@@ -284,11 +288,11 @@ def _parameters(parameters, level: str, transport: frozenset[str]) -> dict:
     if not isinstance(parameters, dict):
         raise input_error(BAD_OPTION, f"v2 {level}-level 'parameters' must be an object")
     options = {k: v for k, v in parameters.items() if k not in transport}
-    unknown = sorted(set(options) - set(OPTION_FIELDS))
+    unknown = set(options) - set(OPTION_FIELDS)
     if unknown:
         raise input_error(
             UNKNOWN_OPTION,
-            f"unknown v2 {level}-level parameter(s) {unknown}; the options are "
+            f"unknown v2 {level}-level parameter(s) {excerpt_names(unknown)}; the options are "
             f"{list(OPTION_FIELDS)}",
         )
     return options
@@ -298,11 +302,12 @@ def _check_outputs(outputs) -> None:
     if outputs is None:
         return
     names = [o.get("name") if isinstance(o, dict) else o for o in outputs or []]
-    unknown = sorted({str(n) for n in names} - {EXPLANATION_OUTPUT})
+    unknown = {str(n) for n in names} - {EXPLANATION_OUTPUT}
     if unknown:
         raise input_error(
             UNKNOWN_OPTION,
-            f"unknown v2 output(s) {unknown}; camserve answers with '{EXPLANATION_OUTPUT}'",
+            f"unknown v2 output(s) {excerpt_names(unknown)}; camserve answers with "
+            f"'{EXPLANATION_OUTPUT}'",
         )
 
 

@@ -184,3 +184,28 @@ def test_v1_answers_per_instance_and_explanations_key():
     assert body == {"explanations": [ANSWER, {"error": error_json("bad_option", "no", 400)}]}
     status, body = encode(read_request({"body": {"instances": []}}), [])
     assert status == 200 and body["error"]["code"] == "empty_body"
+
+
+HUGE = "\x01" * 2_000_000
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"instances": [B64], HUGE: 1},  # v1 request field
+        {"instances": [{"image": B64, HUGE: 1}]},  # v1 instance field
+        {"inputs": [v2_tensor(B64)], "parameters": {HUGE: 1}},  # v2 request parameter
+        {"inputs": [v2_tensor(B64, parameters={HUGE: 1})]},  # v2 input parameter
+        {"inputs": [v2_tensor(B64)], "outputs": [{"name": HUGE}]},  # v2 output
+        {"inputs": [{**v2_tensor(B64), "datatype": HUGE}]},  # v2 datatype
+    ],
+)
+def test_kserve_errors_quote_only_an_excerpt_of_what_was_sent(body):
+    """As every other error: a message quotes a short excerpt of the value, not the value
+    cut at the message's length limit."""
+    request = read_request({"body": body})
+    error = request.error
+    if error is None:
+        [error] = [image for image in request.images if isinstance(image, InputError)]
+    assert error.code in ("unknown_option", "missing_image")
+    assert len(error.message) < 600 and error.message.count("\\x01") <= 40
