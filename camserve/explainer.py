@@ -324,18 +324,21 @@ class Explainer:
         result = self.gradcam(x, [item.requested_class for item in batch], extra_classes=extra)
         scored = time.perf_counter()
         class_maps = (result.explained, *result.extra)
-        # Only the image_mean reference needs the activations' std.
-        channel_std = result.channel_std if self.calibration is None else None
-        scores = [self._score(maps, channel_std) for maps in class_maps]
-        # The batch's one trip to the CPU; everything per image below is plain indexing.
-        probabilities, *host = to_host(
-            [
-                result.logits.softmax(dim=1),
-                *(maps.classes for maps in class_maps),
-                *(maps.signed_map for maps in class_maps),
-                *(score.packed for score in scores),
-            ]
-        )
+        # Plain arithmetic from here on: without autograd's bookkeeping each of the score's
+        # small tensor operations dispatches ~10% faster.
+        with torch.inference_mode():
+            # Only the image_mean reference needs the activations' std.
+            channel_std = result.channel_std if self.calibration is None else None
+            scores = [self._score(maps, channel_std) for maps in class_maps]
+            # The batch's one trip to the CPU; everything per image below is plain indexing.
+            probabilities, *host = to_host(
+                [
+                    result.logits.softmax(dim=1),
+                    *(maps.classes for maps in class_maps),
+                    *(maps.signed_map for maps in class_maps),
+                    *(score.packed for score in scores),
+                ]
+            )
         count = len(class_maps)
         classes = [values.tolist() for values in host[:count]]
         signed = host[count : 2 * count]

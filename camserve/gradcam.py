@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,7 +56,11 @@ class GradCamBatch:
 
     @property
     def channel_std(self) -> Tensor:
-        return self.activations.std(dim=(2, 3), correction=0)
+        # Two plain passes (mean, then the norm of the deviations): torch's std kernel is
+        # ~10x slower on (N, K, h*w) with small h*w, 1.3 ms for MobileNetV3 at batch 8.
+        cells = self.activations.flatten(2)
+        deviations = cells - cells.mean(dim=2, keepdim=True)
+        return torch.linalg.vector_norm(deviations, dim=2).div_(cells.shape[2] ** 0.5)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -90,7 +95,13 @@ class GradCam:
         self.model = freeze(model)
         self.layer_name = layer_name
         self.layer = model.get_submodule(layer_name)
-        self._captum = LayerGradCam(self._explained_logit, self.layer)
+
+        def explained_logits(x: Tensor) -> Tensor:
+            return self._explained_logits(x)
+
+        # Captum reads the forward function's signature on every call; a preset one is free.
+        explained_logits.__signature__ = inspect.signature(explained_logits)
+        self._captum = LayerGradCam(explained_logits, self.layer)
         self._pass: _ForwardPass | None = None
 
     def __call__(
@@ -141,13 +152,16 @@ class GradCam:
             )
         self._pass.activations = output
 
-    def _explained_logit(self, x: Tensor) -> Tensor:
+    def _explained_logits(self, x: Tensor) -> Tensor:
+        """The sum of the explained logits, as a 1-element tensor: Captum differentiates
+        each element it is given separately, but in eval mode the examples do not interact,
+        so one backward of the sum gives every image its own gradient."""
         run = self._pass
         logits = self.model(x)
         run.activations.register_hook(self._capture_alpha)
         run.explained = torch.where(run.is_requested, run.requested, logits.argmax(dim=1))
         run.logits = logits
-        return logits.gather(1, run.explained[:, None]).squeeze(1)
+        return logits.gather(1, run.explained[:, None]).sum().reshape(1)
 
     def _capture_alpha(self, gradient: Tensor) -> None:
         if self._pass.alpha is None:

@@ -76,6 +76,15 @@ def test_alpha_reconstructs_the_signed_map(resnet18):
     rebuilt = (result.explained.alpha[:, :, None, None] * activations).sum(1)
     torch.testing.assert_close(result.explained.signed_map, rebuilt, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(result.channel_mean, activations.mean((2, 3)))
+    # The two-pass std equals torch's own (population) std, also for a large common offset.
+    torch.testing.assert_close(result.channel_std, activations.std((2, 3), correction=0))
+    shifted = type(result)(result.logits, result.explained, activations + 1e3)
+    torch.testing.assert_close(
+        shifted.channel_std,
+        activations.double().std((2, 3), correction=0).float(),
+        rtol=1e-3,
+        atol=1e-4,
+    )
 
 
 def test_parameters_are_frozen_and_no_graph_is_left(shapes_explainer):
