@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -201,18 +202,29 @@ class Telemetry:
     ) -> None:
         """One explanation of class index ``target`` that was returned to a client;
         ``requested``: the client chose the class, else it is the model's top-1."""
-        flag = REQUESTED_VALUES[requested]
-        self._record(EXPLANATIONS, 1, flag)
-        if not result.stable:
-            self._record(UNSTABLE, 1, flag)
-        if self.class_labels is not None and target is not None:
-            self._record(CLASS_EXPLANATIONS, 1, self.class_labels[target])
+        self.explained_batch([(result, target, requested)])
+
+    def explained_batch(self, shown: Iterable[tuple[ZeroReference, int | None, bool]]) -> None:
+        """A batch's explanations that were returned to clients, as (score block, class index,
+        requested) each. A counter is incremented once per label set by the batch's count:
+        every metric is a log line the frontend parses, so a batch of 8 emits ~14 lines, not 48.
+        The score histogram still observes each explanation."""
+        counts: Counter[tuple[str, ...]] = Counter()
+        for result, target, requested in shown:
+            flag = REQUESTED_VALUES[requested]
+            counts[EXPLANATIONS, flag] += 1
+            counts[SCORE_BANDS_METRIC, score_band(result.score), flag] += 1
             if not result.stable:
-                self._record(CLASS_UNSTABLE, 1, self.class_labels[target])
-        if result.map_empty:
-            self._record(EMPTY_MAPS, 1, flag)
-        self._record(SCORE, result.score, flag)
-        self._record(SCORE_BANDS_METRIC, 1, score_band(result.score), flag)
+                counts[UNSTABLE, flag] += 1
+            if result.map_empty:
+                counts[EMPTY_MAPS, flag] += 1
+            if self.class_labels is not None and target is not None:
+                counts[CLASS_EXPLANATIONS, self.class_labels[target]] += 1
+                if not result.stable:
+                    counts[CLASS_UNSTABLE, self.class_labels[target]] += 1
+            self._record(SCORE, result.score, flag)
+        for (name, *labels), count in counts.items():
+            self._record(name, count, *labels)
 
     def error(self, code: str) -> None:
         self._record(ERRORS, 1, error_reason(code))

@@ -110,6 +110,7 @@ class CamServeHandler(BaseHandler):
                 responses[index] = self._error(
                     context, index, "internal_error", f"request could not be read: {err}", 500
                 )
+        shown = []  # the explanations that reach a client, for the metrics
         for index, result in self._explain_isolated(prepared, context, responses, kserve):
             try:
                 with self.telemetry.timed("encode"):
@@ -117,8 +118,8 @@ class CamServeHandler(BaseHandler):
                         kserve[index[0]][1][index[1]] = explanation_json(result)
                     else:
                         responses[index] = self._answer(context, index, data[index], result)
-                shown = result.explained
-                self.telemetry.explained(shown.zero_reference, shown.index, result.requested)
+                explained = result.explained
+                shown.append((explained.zero_reference, explained.index, result.requested))
             except InputError as err:  # the answer does not fit max_response_size
                 responses[index] = self._error(context, index, err.code, err.message, err.status)
             except Exception as err:  # noqa: BLE001 - an encoder bug must not fail the batch
@@ -129,6 +130,7 @@ class CamServeHandler(BaseHandler):
                     kserve[index[0]][1][index[1]] = error_json("internal_error", message, 500)
                 else:
                     responses[index] = self._error(context, index, "internal_error", message, 500)
+        self.telemetry.explained_batch(shown)
         for index, (request, outcomes) in kserve.items():
             responses[index] = self._kserve_answer(context, index, request, outcomes)
         log.info("camserve batch: %d items, %d rejected", len(data), len(data) - len(prepared))

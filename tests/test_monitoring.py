@@ -37,6 +37,7 @@ from camserve.errors import ERROR_CODES
 from camserve.explainer import Explainer
 from camserve.request import ParsedRequest, RequestOptions
 from camserve.tools.calibrate import CALIBRATION_FILE, calibrate_model_dir, score_baseline
+from camserve.zero_reference import WorstCase, ZeroReference
 from harness.local_prometheus import UI_PAGES, LocalPrometheus, executable, local_config
 from harness.local_prometheus import main as prometheus_main
 from harness.local_torchserve import LocalTorchServe, free_port
@@ -316,6 +317,47 @@ def recorded(caplog) -> Counter:
             extra = [v for k, v in labels.items() if k not in ("ModelName", "Level")]
             emitted[(name, extra[0] if extra else None)] += float(value)
     return emitted
+
+
+def test_a_batch_sums_its_counters_into_one_line_per_series(caplog):
+    """Counters go out once per label set with the batch's count (each line costs the worker
+    and the frontend); the score histogram still observes every explanation."""
+    cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
+    cache.initialize_cache()
+    recorder = telemetry.Telemetry(cache, MetricTypes, MODEL, [f"c{i}" for i in range(6)])
+
+    def block(score: float, empty: bool = False):
+        return ZeroReference(
+            "calibration_mean", -0.1, score, WorstCase(0.1, 0.2, 0.2, score), 1.0, 0.0,
+            score <= 0.25, 0.25, True, empty, empty,
+        )  # fmt: skip
+
+    shown = [(block(0.05), 1, False), (block(0.07), 1, False), (block(0.5, True), 2, False),
+             (block(0.05), 4, True)]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        recorder.explained_batch(shown)
+    lines = Counter()
+    values = Counter()
+    for record in caplog.records:
+        match = re.match(r"\[METRICS\](\w+)\.\w+:([0-9.e-]+)\|#([^|]*)\|", record.getMessage())
+        if match:
+            labels = tuple(v for k, v in (p.split(":", 1) for p in match[3].split(",")))
+            lines[match[1], labels[:-2]] += 1
+            values[match[1], labels[:-2]] += float(match[2])
+    assert values[telemetry.EXPLANATIONS, ("false",)] == 3
+    assert values[telemetry.EXPLANATIONS, ("true",)] == 1
+    assert values[telemetry.SCORE_BANDS_METRIC, ("0.0-0.1", "false")] == 2
+    assert values[telemetry.SCORE_BANDS_METRIC, ("0.5-0.6", "false")] == 1
+    assert (
+        values[telemetry.UNSTABLE, ("false",)] == 1
+        and values[telemetry.EMPTY_MAPS, ("false",)] == 1
+    )
+    assert values[telemetry.CLASS_EXPLANATIONS, ("c1",)] == 2
+    assert values[telemetry.CLASS_UNSTABLE, ("c2",)] == 1
+    counters = {key: n for key, n in lines.items() if key[0] != telemetry.SCORE}
+    assert set(counters.values()) == {1}  # one line per series
+    assert lines[telemetry.SCORE, ("false",)] == 3 and lines[telemetry.SCORE, ("true",)] == 1
+    assert values[telemetry.SCORE, ("false",)] == pytest.approx(0.62)
 
 
 @pytest.mark.parametrize("classes", [6, telemetry.MAX_CLASS_LABELS + 1])
