@@ -9,7 +9,6 @@ fixed ``MAP_DECIMALS`` suffices there.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -45,7 +44,7 @@ def explanation_json(explanation: Explanation) -> dict:
         "target_layer": model.target_layer,
         "input_size": list(explanation.image.tensor.shape[-2:]),
         "grad_cam": _map_json(explained),
-        "zero_reference": _significant_block(asdict(explained.zero_reference)),
+        "zero_reference": _zero_reference_json(explained),
     }
     if explanation.more:
         body["more_explanations"] = [
@@ -66,7 +65,7 @@ def _class_json(
     }
     if with_maps:
         body["grad_cam"] = _map_json(explained)
-        body["zero_reference"] = _significant_block(asdict(explained.zero_reference))
+        body["zero_reference"] = _zero_reference_json(explained)
     return body
 
 
@@ -79,6 +78,12 @@ def _map_json(explained: ClassExplanation) -> dict:
         "empty": explained.zero_reference.map_empty,
         "map": cells,
     }
+
+
+def _zero_reference_json(explained: ClassExplanation) -> dict:
+    block = explained.zero_reference
+    # The instance dicts, in field order: dataclasses.asdict deep-copies, 25x slower.
+    return _significant_block({**vars(block), "worst_case": dict(vars(block.worst_case))})
 
 
 def significant(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:

@@ -147,6 +147,7 @@ class Telemetry:
         self.metric_types = metric_types
         self.model_name = model_name
         self._failed: set[str] = set()
+        self._stage_totals: dict[str, float] | None = None  # inside handling(): stage -> s
         self.class_labels = None
         if class_labels is not None and len(class_labels) > MAX_CLASS_LABELS:
             log.warning(
@@ -236,19 +237,30 @@ class Telemetry:
 
     @contextmanager
     def handling(self) -> Iterator[None]:
-        """TorchServe's ``HandlerTime`` gauge: one batch through the handler, in ms (as
-        ``BaseHandler.handle`` records it), also when the block raises."""
+        """One batch through the handler, also when the block raises: TorchServe's
+        ``HandlerTime`` gauge in ms (as ``BaseHandler.handle`` records it), and one observation
+        per stage ``timed`` inside it, the batch's total (one log line per stage, not per item).
+        """
         start = time.perf_counter()
+        self._stage_totals = {}
         try:
             yield
         finally:
+            totals, self._stage_totals = self._stage_totals, None
+            for stage, seconds in totals.items():
+                self.stage(stage, seconds)
             self._record(HANDLER_TIME, round((time.perf_counter() - start) * 1000, 2))
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
-        """Record how long the block took as ``stage``, also when it raises."""
+        """Add how long the block took (also when it raises) to the batch's total for
+        ``stage``; outside ``handling()`` it is recorded at once."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.stage(stage, time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            if self._stage_totals is None:
+                self.stage(stage, elapsed)
+            else:
+                self._stage_totals[stage] = self._stage_totals.get(stage, 0.0) + elapsed

@@ -209,7 +209,7 @@ def zero_reference(
     union = region.any(dim=1).sum(dim=1)
     iou = (region.all(dim=1).sum(dim=1) + (union == 0)).double() / union.clamp_min(1)
     centres = _cell_centres(h, w, tuple(input_size), maps.device)
-    shift = ((pair[:, 1] - pair[:, 0]) @ centres).norm(dim=1)
+    shift = torch.linalg.vector_norm((pair[:, 1] - pair[:, 0]) @ centres, dim=1)
     empty = total[:, :2] <= 0
     shift = shift.masked_fill_(empty.any(dim=1), torch.nan)
     packed = torch.stack(

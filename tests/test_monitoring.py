@@ -384,6 +384,28 @@ def test_class_metrics_only_for_few_classes(shapes_explainer, caplog, classes):
     assert not [r for r in caplog.records if "Failed" in r.getMessage()]
 
 
+def test_stages_timed_in_a_batch_are_one_observation_each(caplog):
+    """Inside ``handling()`` every stage is observed once, with the batch's total; a raising
+    block still counts; outside a batch ``timed`` records at once."""
+    cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
+    cache.initialize_cache()
+    recorder = telemetry.Telemetry(cache, MetricTypes, MODEL)
+    with caplog.at_level(logging.INFO):
+        with recorder.handling():
+            for _ in range(3):
+                with recorder.timed("decode"):
+                    time.sleep(0.01)
+            with pytest.raises(ValueError), recorder.timed("encode"):
+                raise ValueError("an encoder bug")
+            assert not [r for r in caplog.records if "[METRICS]" in r.getMessage()]
+        with recorder.timed("encode"):
+            pass
+    lines = [r.getMessage() for r in caplog.records if "stage_duration" in r.getMessage()]
+    decode = [line for line in lines if "stage:decode" in line]
+    assert len(decode) == 1 and len(lines) == 3  # decode, encode (batch), encode (alone)
+    assert recorded(caplog)[(telemetry.STAGE_SECONDS, "decode")] >= 0.03
+
+
 def test_recorder_without_our_metrics_yaml_warns_once_and_never_raises(caplog):
     """Served with TorchServe's default metrics.yaml, predictions still work; the log says
     once per metric what is missing instead of once per request."""
@@ -635,7 +657,7 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
     errors = Counter(code for _, code in bad)
     expected = {
         **{(telemetry.ERRORS, reason, None): errors[reason] for reason in telemetry.ERROR_REASONS},
-        **{(f"{telemetry.STAGE_SECONDS}_count", "decode", None): n + len(bad)},
+        **{(f"{telemetry.STAGE_SECONDS}_count", "decode", None): n + len(bad)},  # a batch each
         **{(f"{telemetry.STAGE_SECONDS}_count", "forward_gradcam", None): n},  # one batch each
         **{(f"{telemetry.STAGE_SECONDS}_count", "score", None): n},
         **{(f"{telemetry.STAGE_SECONDS}_count", "encode", None): n},
