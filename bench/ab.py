@@ -1,5 +1,6 @@
 """Before/after in one process: another checkout's serving core against this one, and a
-plain forward, interleaved round after round on the same inputs.
+plain prediction (``bench.inprocess.plain_prediction``), interleaved round after round on the
+same inputs.
 
     git worktree add --detach /tmp/before <commit>
     python -m bench.ab --before-tree /tmp/before --model shapes --batches 1 8
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.inprocess import explainers, prepared_batch
+from bench.inprocess import explainers, plain_prediction, prepared_batch
 from bench.run import RESULTS, machine
 from bench.timing import interleaved
 
@@ -91,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     for batch in args.batches:
         prepared = prepared_batch(after, batch)
-        x = torch.stack([item.tensor for item in prepared])
         # The older core's PreparedImage may have other fields (an ``image`` it kept).
         fields = before_module.PreparedImage.__dataclass_fields__
         values = {"image": None, "requested_class": None, "target": None}
@@ -105,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             for p in prepared
         ]
 
-        def plain(x=x):
-            with torch.inference_mode():
-                return after.model(x)
+        plain = plain_prediction(after, prepared)
 
         stats = interleaved(
             {

@@ -11,6 +11,7 @@ import io
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -68,6 +69,23 @@ def prepared_batch(
     ]
 
 
+def plain_prediction(explainer: Explainer, prepared: list[PreparedImage]) -> Callable[[], object]:
+    """The baseline: what the plain handler (bench/plain_handler.py) does from preprocessed
+    images to its answer: stack the batch, an ``inference_mode`` forward, softmax, top-k and one
+    transfer to the CPU. ``Explainer.explain`` does the same around Grad-CAM and the score, so
+    the ratio is the cost of the explanation alone."""
+    model, device = explainer.model, explainer.device
+    k = min(explainer.config.topk, len(explainer.labels))
+
+    def run():
+        with torch.inference_mode():
+            x = torch.stack([item.tensor for item in prepared]).to(device)
+            top = model(x).softmax(dim=1).topk(k)
+            return top.values.cpu(), top.indices.cpu()
+
+    return run
+
+
 def candidates(explainer: Explainer, batch: int, with_slow: bool = True) -> dict:
     prepared = prepared_batch(explainer, batch)
     prepared_top3 = prepared_batch(explainer, batch, options=RequestOptions(maps=3))
@@ -80,9 +98,7 @@ def candidates(explainer: Explainer, batch: int, with_slow: bool = True) -> dict
     trainable_layer = trainable.get_submodule(layer_name)
     naive_captum = LayerGradCam(trainable, trainable_layer)
 
-    def plain():
-        with torch.inference_mode():
-            return frozen(x)
+    plain = plain_prediction(explainer, prepared)
 
     def ours():
         return explainer.explain(prepared)

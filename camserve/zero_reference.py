@@ -83,6 +83,7 @@ COLUMNS = (
     "centroid_shift_px", "map_empty", "shifted_map_empty",
 )  # fmt: skip
 _COLUMN = {name: index for index, name in enumerate(COLUMNS)}
+_TINY = torch.finfo(torch.float64).tiny
 
 
 @dataclass(frozen=True)
@@ -190,14 +191,15 @@ def zero_reference(
         offset = alpha @ calibration.mean.to(maps).neg()
         radius = alpha.abs() @ (settings.epsilon * calibration.std.to(maps))
     r = radius[:, None]
+    low = r.neg()
     # Columns: 0 the map itself (c = 0), 1 the reference offset, 2 and 3 -r and r, then every
     # cut-off -M_ij clamped into [-r, r]: those outside land on -r or r, already candidates.
-    fixed = r * _signs(maps.device)
-    fixed[:, 1] = offset
-    offsets = torch.cat([fixed, torch.clamp(-maps, -r, r)], dim=1)
+    offsets = torch.cat(
+        [torch.zeros_like(r), offset[:, None], low, r, maps.neg().clamp_(low, r)], dim=1
+    )
     dist = (maps[:, None, :] + offsets[:, :, None]).clamp_min_(0)  # (N, 4 + hw, hw)
     total = dist.sum(dim=2, keepdim=True)
-    dist.div_(total.clamp_min(torch.finfo(torch.float64).tiny))  # mass distributions
+    dist.div_(total.clamp_min(_TINY))  # mass distributions
     total = total[..., 0]
     # TV(P, Q) = 1 - sum min(P, Q) when both have mass; 1 when one is empty, 0 when both are.
     tv = 1 - torch.minimum(dist[:, :1], dist).sum(dim=2)
@@ -205,23 +207,18 @@ def zero_reference(
     worst_score, best = tv[:, 2:].max(dim=1)
     worst_offset = offsets[:, 2:].gather(1, best[:, None])[:, 0]
     pair = dist[:, :2]  # P(M) and P(M + c): same regions and centroids as ReLU(M), ReLU(M + c)
-    region = (pair >= 0.5 * pair.amax(dim=2, keepdim=True)) & (pair > 0)
+    # At least half the peak. A distribution's peak is at least 1 / hw, so the floor at
+    # _TINY only matters for an empty (all-zero) map: it has no region.
+    region = pair >= pair.amax(dim=2, keepdim=True).mul_(0.5).clamp_min_(_TINY)
     union = region.any(dim=1).sum(dim=1)
     iou = (region.all(dim=1).sum(dim=1) + (union == 0)).double() / union.clamp_min(1)
     centres = _cell_centres(h, w, tuple(input_size), maps.device)
     shift = torch.linalg.vector_norm((pair[:, 1] - pair[:, 0]) @ centres, dim=1)
     empty = total[:, :2] <= 0
-    shift = shift.masked_fill_(empty.any(dim=1), torch.nan)
-    packed = torch.stack(
-        [offset, tv[:, 1], radius, worst_offset, worst_score, iou, shift, *empty.double().T], dim=1
-    )
+    shift.masked_fill_(empty.any(dim=1), torch.nan)
+    columns = [offset, tv[:, 1], radius, worst_offset, worst_score, iou, shift]
+    packed = torch.cat([torch.stack(columns, dim=1), empty.double()], dim=1)
     return ZeroReferenceBatch(name, settings, compensable, packed)
-
-
-@functools.lru_cache(maxsize=8)
-def _signs(device: torch.device) -> Tensor:
-    """Multiplied by r: the first four offset columns (0, the reference's slot, -r, r)."""
-    return torch.tensor([0.0, 0.0, -1.0, 1.0], dtype=torch.float64, device=device)
 
 
 @functools.lru_cache(maxsize=32)
