@@ -75,8 +75,9 @@ def freeze(model: nn.Module) -> nn.Module:
 class _ForwardPass:
     """What the callbacks of one Captum call hand each other."""
 
-    requested: Tensor  # (N,) class index, meaningful where is_requested
-    is_requested: Tensor  # (N,) bool
+    # (N,) class index, meaningful where is_requested (N,); both None: every image's top-1.
+    requested: Tensor | None
+    is_requested: Tensor | None
     activations: Tensor | None = None
     logits: Tensor | None = None
     explained: Tensor | None = None
@@ -118,10 +119,13 @@ class GradCam:
         requested = [None] * x.shape[0] if requested is None else list(requested)
         if len(requested) != x.shape[0]:
             raise ValueError(f"{len(requested)} requested classes for a batch of {x.shape[0]}")
-        self._pass = _ForwardPass(
-            requested=torch.tensor([c or 0 for c in requested], device=x.device),
-            is_requested=torch.tensor([c is not None for c in requested], device=x.device),
-        )
+        if any(c is not None for c in requested):
+            self._pass = _ForwardPass(
+                requested=torch.tensor([c or 0 for c in requested], device=x.device),
+                is_requested=torch.tensor([c is not None for c in requested], device=x.device),
+            )
+        else:  # the usual request: no class tensors to build and move
+            self._pass = _ForwardPass(requested=None, is_requested=None)
         # Registered before Captum's own hook, so it sees the very tensor Captum
         # differentiates against (Captum then marks it as requiring grad).
         handle = self.layer.register_forward_hook(self._capture_activations)
@@ -159,7 +163,9 @@ class GradCam:
         run = self._pass
         logits = self.model(x)
         run.activations.register_hook(self._capture_alpha)
-        run.explained = torch.where(run.is_requested, run.requested, logits.argmax(dim=1))
+        run.explained = logits.argmax(dim=1)
+        if run.requested is not None:
+            run.explained = torch.where(run.is_requested, run.requested, run.explained)
         run.logits = logits
         return logits.gather(1, run.explained[:, None]).sum().reshape(1)
 
