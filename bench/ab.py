@@ -18,13 +18,16 @@ import datetime
 import json
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from captum.attr import LayerGradCam
 
 from bench.inprocess import explainers, plain_prediction, prepared_batch
 from bench.run import RESULTS, machine
 from bench.timing import interleaved
+from camserve.explainer import Explainer, PreparedImage
 
 PREFIX = "before_camserve"
 
@@ -61,6 +64,22 @@ def _dependencies(source: str) -> list[str]:
         elif line.startswith(f"from {PREFIX} import"):
             names += [n.strip() for n in line.split("import", 1)[1].split(",")]
     return names
+
+
+def captum_alone(explainer: Explainer, prepared: list[PreparedImage]) -> Callable[[], object]:
+    """The floor while Captum makes the map: its ``LayerGradCam`` on the served (frozen) model,
+    told each image's class, after a plain prediction; nothing of camserve (no score, no
+    second map, no transfer). camserve's own cost is what ``after`` adds to this."""
+    layer = explainer.model.get_submodule(explainer.gradcam.layer_name)
+    gradcam = LayerGradCam(explainer.model, layer)
+    plain = plain_prediction(explainer, prepared)
+    targets = plain()[1][:, 0].tolist()
+    x = torch.stack([item.tensor for item in prepared]).to(explainer.device)
+
+    def run():
+        return gradcam.attribute(x, target=targets, relu_attributions=False)
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         ]
 
         plain = plain_prediction(after, prepared)
+        captum = captum_alone(after, prepared)
 
         stats = interleaved(
             {
                 "plain": plain,
+                "captum_alone": captum,
                 "before": lambda old=old: before.explain(old),
                 "after": lambda prepared=prepared: after.explain(prepared),
             },
