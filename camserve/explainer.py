@@ -11,6 +11,9 @@ Usable from a notebook as well as from the TorchServe handler::
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 import time
 from collections.abc import Callable
@@ -247,6 +250,7 @@ class Explainer:
         log.info("%s on device %s", name, self.device)
         log.info(compensation.log_line(config.target_layer))
         self.gradcam = GradCam(model, grid)
+        release_freed_memory()
         # float64 on the device once here, not converted in every batch.
         self.calibration = calibration.to(self.device) if calibration is not None else None
 
@@ -378,6 +382,17 @@ class Explainer:
             self.compensation.compensable,
             self.calibration,
         )
+
+
+def release_freed_memory() -> None:
+    """Hand the memory the load-time checks freed back to the OS (glibc's ``malloc_trim``).
+
+    The layout read, the gradient check and the compensation probe run the network; glibc
+    keeps what they freed in its heap, and on ResNet-50 the worker then served ~100 MB above
+    a plain handler's peak. Elsewhere than glibc this does nothing.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
 def _with_target_layer(model: nn.Module, config: ExplainerConfig) -> ExplainerConfig:

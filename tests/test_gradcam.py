@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from captum.attr import LayerGradCam
 
 from camserve.gradcam import GradCam
+from camserve.grid import check_gradient_reaches_grid
 
 
 def captum_map(model, layer_name, x, targets):
@@ -134,3 +136,17 @@ def test_loading_leaves_the_weights_untouched():
     changed = [name for name, value in stored.items() if not torch.equal(value, served[name])]
     assert changed == []
     assert not explainer.model.training
+
+
+def test_gradient_check_records_nothing_before_the_grid_and_restores_the_parameters():
+    model = torchvision.models.resnet18(weights=None).eval()
+    model.conv1.weight.requires_grad_(False)
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    seen = []
+    handle = model.layer3.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    try:
+        check_gradient_reaches_grid(model, "layer4", (64, 64))
+    finally:
+        handle.remove()
+    assert seen == [False]  # no graph (and no saved activations) before the grid
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == before
