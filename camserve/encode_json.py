@@ -82,8 +82,9 @@ def _map_json(explained: ClassExplanation) -> dict:
 
 def _zero_reference_json(explained: ClassExplanation) -> dict:
     block = explained.zero_reference
-    # The instance dicts, in field order: dataclasses.asdict deep-copies, 25x slower.
-    return _significant_block({**vars(block), "worst_case": dict(vars(block.worst_case))})
+    # The instance dicts, in field order (_significant_block builds new ones):
+    # dataclasses.asdict deep-copies, 25x slower.
+    return _significant_block({**vars(block), "worst_case": vars(block.worst_case)})
 
 
 def significant(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:

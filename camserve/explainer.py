@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import time
 from collections.abc import Callable
@@ -391,8 +390,9 @@ def release_freed_memory() -> None:
     keeps what they freed in its heap, and on ResNet-50 the worker then served ~100 MB above
     a plain handler's peak. Elsewhere than glibc this does nothing.
     """
+    # The process's own symbols (libc among them): no library search, no subprocess.
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _with_target_layer(model: nn.Module, config: ExplainerConfig) -> ExplainerConfig:

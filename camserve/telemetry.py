@@ -198,13 +198,6 @@ class Telemetry:
             self._record(CLASS_EXPLANATIONS, 0, label)
             self._record(CLASS_UNSTABLE, 0, label)
 
-    def explained(
-        self, result: ZeroReference, target: int | None = None, requested: bool = False
-    ) -> None:
-        """One explanation of class index ``target`` that was returned to a client;
-        ``requested``: the client chose the class, else it is the model's top-1."""
-        self.explained_batch([(result, target, requested)])
-
     def explained_batch(self, shown: Iterable[tuple[ZeroReference, int | None, bool]]) -> None:
         """A batch's explanations that were returned to clients, as (score block, class index,
         requested) each. A counter is incremented once per label set by the batch's count:
@@ -231,15 +224,20 @@ class Telemetry:
         self._record(ERRORS, 1, error_reason(code))
 
     def stage(self, stage: str, seconds: float) -> None:
+        """``seconds`` spent in ``stage``: inside ``handling()`` added to the batch's total
+        for the stage, observed when the batch ends; outside it, observed at once."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-        self._record(STAGE_SECONDS, seconds, stage)
+        if self._stage_totals is None:
+            self._record(STAGE_SECONDS, seconds, stage)
+        else:
+            self._stage_totals[stage] = self._stage_totals.get(stage, 0.0) + seconds
 
     @contextmanager
     def handling(self) -> Iterator[None]:
         """One batch through the handler, also when the block raises: TorchServe's
         ``HandlerTime`` gauge in ms (as ``BaseHandler.handle`` records it), and one observation
-        per stage ``timed`` inside it, the batch's total (one log line per stage, not per item).
+        per stage, the batch's total (one log line per stage, not per item).
         """
         start = time.perf_counter()
         self._stage_totals = {}
@@ -248,19 +246,14 @@ class Telemetry:
         finally:
             totals, self._stage_totals = self._stage_totals, None
             for stage, seconds in totals.items():
-                self.stage(stage, seconds)
+                self._record(STAGE_SECONDS, seconds, stage)
             self._record(HANDLER_TIME, round((time.perf_counter() - start) * 1000, 2))
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
-        """Add how long the block took (also when it raises) to the batch's total for
-        ``stage``; outside ``handling()`` it is recorded at once."""
+        """Count how long the block took (also when it raises) as time in ``stage``."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - start
-            if self._stage_totals is None:
-                self.stage(stage, elapsed)
-            else:
-                self._stage_totals[stage] = self._stage_totals.get(stage, 0.0) + elapsed
+            self.stage(stage, time.perf_counter() - start)

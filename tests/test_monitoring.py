@@ -183,9 +183,9 @@ def test_recorder_emits_what_torchserve_accepts(shapes_explainer, caplog):
     with caplog.at_level(logging.INFO):
         recorder.loaded(True, baseline)
         with recorder.handling():
-            recorder.explained(result.explained.zero_reference)
-            recorder.explained(
-                result.explained.zero_reference, result.explained.index, requested=True
+            recorder.explained_batch([(result.explained.zero_reference, None, False)])
+            recorder.explained_batch(
+                [(result.explained.zero_reference, result.explained.index, True)]
             )
             recorder.error("unknown_target")
             recorder.error("no_such_code")
@@ -369,7 +369,7 @@ def test_class_metrics_only_for_few_classes(shapes_explainer, caplog, classes):
     [result] = shapes_explainer.explain([shapes_explainer.prepare_image(held_out(1).image)])
     with caplog.at_level(logging.INFO):
         recorder.loaded(True)
-        recorder.explained(result.explained.zero_reference, 3)
+        recorder.explained_batch([(result.explained.zero_reference, 3, False)])
     emitted = recorded(caplog)
     class_series = {key for key in emitted if key[0] == telemetry.CLASS_EXPLANATIONS}
     if classes > telemetry.MAX_CLASS_LABELS:
@@ -385,8 +385,8 @@ def test_class_metrics_only_for_few_classes(shapes_explainer, caplog, classes):
 
 
 def test_stages_timed_in_a_batch_are_one_observation_each(caplog):
-    """Inside ``handling()`` every stage is observed once, with the batch's total; a raising
-    block still counts; outside a batch ``timed`` records at once."""
+    """Inside ``handling()`` every stage is observed once, with the batch's total, whether
+    timed or reported; a raising block still counts; outside a batch it is recorded at once."""
     cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
     cache.initialize_cache()
     recorder = telemetry.Telemetry(cache, MetricTypes, MODEL)
@@ -397,13 +397,17 @@ def test_stages_timed_in_a_batch_are_one_observation_each(caplog):
                     time.sleep(0.01)
             with pytest.raises(ValueError), recorder.timed("encode"):
                 raise ValueError("an encoder bug")
+            for _ in range(2):  # explain() reports its stages directly (twice when retried)
+                recorder.stage("forward_gradcam", 0.01)
             assert not [r for r in caplog.records if "[METRICS]" in r.getMessage()]
         with recorder.timed("encode"):
             pass
     lines = [r.getMessage() for r in caplog.records if "stage_duration" in r.getMessage()]
     decode = [line for line in lines if "stage:decode" in line]
-    assert len(decode) == 1 and len(lines) == 3  # decode, encode (batch), encode (alone)
+    # decode, encode and forward_gradcam of the batch, then encode alone
+    assert len(decode) == 1 and len(lines) == 4
     assert recorded(caplog)[(telemetry.STAGE_SECONDS, "decode")] >= 0.03
+    assert recorded(caplog)[(telemetry.STAGE_SECONDS, "forward_gradcam")] == pytest.approx(0.02)
 
 
 def test_recorder_without_our_metrics_yaml_warns_once_and_never_raises(caplog):

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import yaml
 
@@ -36,45 +34,6 @@ BATCH_SETTINGS = ("batchSize", "maxBatchDelay", "responseTimeout", "minWorkers",
 # KServe's gRPC API. TorchServe must leave both free or the wrapper exits and the pod loops.
 RUNTIME_HTTP_PORT = 8080
 RUNTIME_GRPC_PORT = 8081
-# The wrapper's defaults for keys missing from config.properties.
-WRAPPER_DEFAULT_ADDRESS = "http://127.0.0.1:8085"
-WRAPPER_DEFAULT_GRPC_PORT = "7070"
-
-
-@dataclass(frozen=True)
-class WrapperView:
-    """Where the wrapper sends its requests, derived from config.properties as it does:
-    REST to the inference address, gRPC to the inference host at ``grpc_inference_port``,
-    readiness polls to the management address; one KServe model per model_snapshot entry."""
-
-    inference_address: str
-    management_address: str
-    grpc_target: str
-    model_names: tuple[str, ...]
-
-
-def wrapper_view(properties: dict[str, str]) -> WrapperView:
-    """What the wrapper reads from ``properties`` (as parsed from config.properties)."""
-    inference = properties.get("inference_address", WRAPPER_DEFAULT_ADDRESS)
-    grpc_port = properties.get("grpc_inference_port", WRAPPER_DEFAULT_GRPC_PORT)
-    snapshot = json.loads(properties.get("model_snapshot", "{}"))
-    return WrapperView(
-        inference_address=inference,
-        management_address=properties.get("management_address", WRAPPER_DEFAULT_ADDRESS),
-        grpc_target=f"{urlsplit(inference).hostname}:{grpc_port}",
-        model_names=tuple(snapshot.get("models", {})) or ("model",),
-    )
-
-
-def torchserve_ports(properties: dict[str, str]) -> dict[str, int]:
-    """Every port TorchServe binds under ``properties`` (TorchServe's defaults otherwise)."""
-    return {
-        "inference": urlsplit(properties.get("inference_address", "http://x:8080")).port,
-        "management": urlsplit(properties.get("management_address", "http://x:8081")).port,
-        "metrics": urlsplit(properties.get("metrics_address", "http://x:8082")).port,
-        "grpc_inference": int(properties.get("grpc_inference_port", 7070)),
-        "grpc_management": int(properties.get("grpc_management_port", 7071)),
-    }
 
 
 def kserve_properties(name: str, settings: dict, config: Path = KSERVE_CONFIG) -> str:
