@@ -15,7 +15,7 @@ from camserve.device import serving_device
 from camserve.explainer import ExplainerConfig, load_model
 from camserve.gradcam import freeze
 from camserve.labels import load_labels
-from camserve.request import parse_item
+from camserve.protocols.plain import parse_item
 
 log = logging.getLogger(__name__)
 

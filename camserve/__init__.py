@@ -1,9 +1,10 @@
 """camserve: explained image classification, the serving core.
 
 The flow, one module per step:
-``request`` (TorchServe item -> bytes + options) -> ``decode`` (bytes -> image) ->
+``protocols`` (a wire format's item -> bytes + options) -> ``decode`` (bytes -> image) ->
 ``preprocess`` (image -> tensor) -> ``gradcam`` (tensor -> logits + signed map) ->
-``zero_reference`` (signed map -> score) -> ``encode_json`` (-> JSON) / ``encode_png`` (-> PNG).
+``zero_reference`` (signed map -> score) -> ``encode_json`` (-> JSON) / ``encode_png`` (-> PNG)
+-> ``protocols`` (outcomes -> the format's reply).
 ``explainer`` runs the flow; the rest supports it (model building, layer choice, the
 load-time compensation probe, labels, errors, metrics).
 

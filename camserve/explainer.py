@@ -286,6 +286,16 @@ class Explainer:
     def model(self) -> nn.Module:
         return self.gradcam.model
 
+    def describe(self) -> dict:
+        """What the served model's description (TorchServe's describe API) says of it."""
+        return {
+            "target_layer": self.config.target_layer,
+            "input_size": list(self.config.preprocessing.input_size),
+            "classes": len(self.labels),
+            "reference": "calibration_mean" if self.calibration is not None else "image_mean",
+            "compensable": self.compensation.compensable,
+        }
+
     @property
     def labels(self) -> list[str]:
         return self.served.labels

@@ -221,7 +221,12 @@ class Telemetry:
             self._record(name, count, *labels)
 
     def error(self, code: str) -> None:
-        self._record(ERRORS, 1, error_reason(code))
+        self.errors([code])
+
+    def errors(self, codes: Iterable[str]) -> None:
+        """A batch's errors, one line per reason with the batch's count."""
+        for reason, count in Counter(error_reason(code) for code in codes).items():
+            self._record(ERRORS, count, reason)
 
     def stage(self, stage: str, seconds: float) -> None:
         """``seconds`` spent in ``stage``: inside ``handling()`` added to the batch's total

@@ -24,6 +24,8 @@ from pathlib import Path
 import psutil
 import requests
 
+from camserve.properties import load_properties
+
 READY_TIMEOUT_S = 180
 DEFAULT_WORKDIR = Path(".run/serve")
 TORCHSERVE_MAIN_CLASS = "org.pytorch.serve.ModelServer"
@@ -51,13 +53,8 @@ def torchserve_executable() -> str:
 
 
 def read_properties(path: str | Path) -> dict[str, str]:
-    properties = {}
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            properties[key.strip()] = value.strip()
-    return properties
+    """A TorchServe config as its frontend reads it (``camserve.properties``)."""
+    return load_properties(path)
 
 
 def write_properties(path: str | Path, properties: dict[str, str]) -> None:

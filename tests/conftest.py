@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
@@ -99,3 +100,21 @@ def production_server(tmp_path_factory, model_store):
     ts.properties["inference_address"] = env_address
     yield ts
     ts.stop()
+
+
+@dataclass
+class StaticHeaders:
+    """An item's headers and id, as ``camserve.protocols.Headers`` reads them (for tests)."""
+
+    values: dict = field(default_factory=dict)
+    request_id: str = "ts-request-id"
+
+    def get(self, name: str):
+        return self.values.get(name)
+
+
+@pytest.fixture(scope="session")
+def shapes_explanation(shapes_explainer):
+    """One real explanation of a held-out image, for encoders and protocols."""
+    [explanation] = shapes_explainer.explain([shapes_explainer.prepare_image(held_out(0).image)])
+    return explanation

@@ -16,7 +16,8 @@ from PIL import Image
 from camserve.decode import decode_image
 from camserve.errors import ERROR_CODES, MAX_MESSAGE_CHARS, InputError
 from camserve.labels import resolve_target
-from camserve.request import ParsedRequest, parse_item
+from camserve.protocols.plain import parse_item
+from camserve.request import ParsedRequest
 from tests.conftest import held_out, png_bytes
 
 # Pillow warns about the corrupt metadata it skips; that is the expected outcome here.

@@ -1,5 +1,6 @@
 """Pure logic behind the hardening: bounded error excerpts, the JSON reader, the response
-budget's limit, and the cheaper conversions in decoding. The same classes are proven over
+budget's check (where the limit comes from: tests/test_torchserve_internals.py), and the
+cheaper conversions in decoding. The same classes are proven over
 HTTP on a real TorchServe in tests/test_hardening_server.py and tests/test_corpus.py."""
 
 from __future__ import annotations
@@ -15,13 +16,9 @@ from camserve.decode import to_rgb
 from camserve.encode_json import error_json
 from camserve.errors import MAX_MESSAGE_CHARS, InputError, excerpt, excerpt_names
 from camserve.labels import resolve_target
-from camserve.request import parse_item, parse_json_body
-from camserve.response_budget import (
-    DEFAULT_MAX_RESPONSE_SIZE,
-    check_fits,
-    max_response_size,
-    properties_value,
-)
+from camserve.protocols.plain import parse_item
+from camserve.request import parse_json_body
+from camserve.response_budget import check_fits
 from tests.conftest import held_out, png_bytes
 
 B64 = base64.b64encode(png_bytes(held_out(0).image)).decode()
@@ -114,17 +111,6 @@ def test_a_form_field_sent_twice_is_refused(repeated, code):
     with pytest.raises(InputError) as info:
         parse_item(item, repeated_fields=repeated)
     assert info.value.code == code and repr(repeated[0]) in info.value.message
-
-
-def test_the_limit_is_the_smallest_one_found(tmp_path):
-    config = tmp_path / "config.properties"
-    config.write_text("# max_response_size=1\nmax_response_size = 20000\nother=3\n")
-    assert properties_value(config.read_text(), "max_response_size") == "20000"
-    assert max_response_size({}, None) == (DEFAULT_MAX_RESPONSE_SIZE, "TorchServe's default")
-    assert max_response_size({}, config) == (20000, str(config))
-    assert max_response_size({"TS_MAX_RESPONSE_SIZE": "9000"}, config)[0] == 9000
-    assert max_response_size({"TS_MAX_RESPONSE_SIZE": "90000"}, config)[0] == 20000
-    assert max_response_size({}, tmp_path / "missing.properties")[0] == DEFAULT_MAX_RESPONSE_SIZE
 
 
 def test_an_answer_of_exactly_the_limit_fits():

@@ -39,7 +39,7 @@ import requests
 import yaml
 
 from camserve.encode_json import load_schema
-from camserve.kserve_protocol import ERROR_OUTPUT, EXPLANATION_OUTPUT
+from camserve.protocols.kserve_v2 import ERROR_OUTPUT, EXPLANATION_OUTPUT
 from camserve.tools.kserve_bundle import (
     KSERVE_CONFIG,
     RUNTIME_GRPC_PORT,
@@ -47,7 +47,7 @@ from camserve.tools.kserve_bundle import (
     build_bundle,
 )
 from harness.local_torchserve import LocalTorchServe, read_properties
-from tests.conftest import REPO, SHAPES_DIR, held_out, png_bytes
+from tests.conftest import CONFIG, REPO, SHAPES_DIR, held_out, png_bytes
 
 VALIDATOR = jsonschema.Draft202012Validator(load_schema())
 
@@ -621,3 +621,32 @@ def test_grpc_non_bytes_input_is_refused_plainly(predictions):
     tensor = {"name": "x", "shape": [2], "datatype": "FP32", "contents": [0.5, 0.25]}
     name, error = output(predictions([tensor])[0])
     assert name == ERROR_OUTPUT and error["code"] == "missing_image"
+
+
+# --- TorchServe's own kservev2 envelope, turned on by hand ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def envelope_server(tmp_path_factory, model_store):
+    ts = LocalTorchServe.on_free_ports(
+        tmp_path_factory.mktemp("ts_envelope"),
+        CONFIG,
+        model_store,
+        overrides={"service_envelope": "kservev2"},
+    )
+    ts.start()
+    yield ts
+    ts.stop()
+
+
+@pytest.mark.integration
+def test_an_envelope_turned_on_by_hand_gets_a_400_that_says_to_turn_it_off(envelope_server):
+    """camserve has one reader per format: the envelope's split tensors are refused, with
+    the setting to remove (one image or several: the envelope splits them into items that
+    outnumber the requests), and the worker stays up to answer the next request."""
+    url = f"{envelope_server.inference_url}/v2/models/shapes/infer"
+    two = {"id": "e2", "inputs": [image_tensor(45), {**image_tensor(46), "name": "second"}]}
+    for body in ({"id": "e1", "inputs": [image_tensor(44)]}, two):
+        response = requests.post(url, json=body, headers=envelope_server.auth(), timeout=120)
+        assert response.status_code == 400, response.text
+        assert "service_envelope" in response.text

@@ -10,7 +10,8 @@ from PIL import Image
 from camserve.decode import decode_image
 from camserve.errors import InputError
 from camserve.labels import resolve_target
-from camserve.request import RequestOptions, parse_item
+from camserve.protocols.plain import parse_item
+from camserve.request import RequestOptions
 from tests.conftest import png_bytes
 
 LABELS = ["circle", "square", "triangle"]

@@ -43,18 +43,31 @@ log = logging.getLogger(__name__)
 CORE_DIR = Path(camserve.__file__).resolve().parent
 # handlers/ is installed as camserve.handlers (pyproject's package-dir), so this works from a
 # source checkout and from an installed wheel alike.
-HANDLER_FILE = Path(str(resources.files("camserve.handlers") / "camserve_handler.py"))
+HANDLERS_DIR = Path(str(resources.files("camserve.handlers")))
+HANDLER_FILE = HANDLERS_DIR / "camserve_handler.py"
 MODEL_CONFIG = "model-config.yaml"
+# Parts of the installed package a worker does not run (an installed wheel holds them all).
+NOT_SHIPPED = ("tools", "handlers", "config")
 
 
 def _core_only(directory: str, names: list[str]) -> list[str]:
-    """What the archive leaves out of the package: the build tools and bytecode."""
+    """What the archive leaves out of the package: the build tools, the handler package
+    (shipped apart), the configs and bytecode."""
     top = Path(directory).resolve() == CORE_DIR
     return [
         n
         for n in names
-        if n == "__pycache__" or n.endswith((".pyc", ".pyo")) or (top and n == "tools")
+        if n == "__pycache__" or n.endswith((".pyc", ".pyo")) or (top and n in NOT_SHIPPED)
     ]
+
+
+def _copy_handler_modules(package: Path) -> None:
+    """The handler's own modules (``camserve.handlers.torchserve_internals``); TorchServe
+    loads the handler file itself from the archive's root."""
+    package.mkdir()
+    for module in HANDLERS_DIR.glob("*.py"):
+        if module.name != HANDLER_FILE.name:
+            shutil.copy2(module, package / module.name)
 
 
 def build_archive(
@@ -77,6 +90,7 @@ def build_archive(
     with tempfile.TemporaryDirectory(prefix="camserve-archive-") as work:
         payload = Path(work) / "payload"
         shutil.copytree(CORE_DIR, payload / "camserve", ignore=_core_only)
+        _copy_handler_modules(payload / "camserve" / "handlers")
         for file in needed + [MODEL_CONFIG]:
             shutil.copy2(model_dir / file, payload / file)
         # torch-model-archiver stages in $TMPDIR/<name> and deletes it: give it its own.

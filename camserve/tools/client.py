@@ -27,6 +27,8 @@ from pathlib import Path
 import requests
 import urllib3
 
+from camserve.properties import load_properties
+
 TOKEN_ENV = "CAMSERVE_TOKEN"
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_KEY_FILE = Path(".run/serve/key_file.json")
@@ -98,16 +100,13 @@ def find_token(
 def max_request_size_from_config(path: str | Path) -> int:
     """``max_request_size`` of a TorchServe ``config.properties`` (TorchServe's default,
     6553500 bytes, when the file does not set it)."""
-    for line in Path(path).read_text().splitlines():
-        key, sep, value = line.strip().partition("=")
-        if sep and not key.startswith(("#", "!")) and key.strip() == "max_request_size":
-            try:
-                return int(value.strip())
-            except ValueError:
-                raise ValueError(
-                    f"{path}: max_request_size={value.strip()} is not a number"
-                ) from None
-    return TORCHSERVE_MAX_REQUEST_SIZE
+    value = load_properties(path).get("max_request_size")
+    if value is None:
+        return TORCHSERVE_MAX_REQUEST_SIZE
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ValueError(f"{path}: max_request_size={value.strip()} is not a number") from None
 
 
 class Client:
