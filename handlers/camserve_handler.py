@@ -7,6 +7,7 @@ inside TorchServe in ``torchserve_internals``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
@@ -75,7 +76,8 @@ class CamServeHandler(BaseHandler):
             ]
         jobs = [job for read in reads for job in read if _is_job(job)]
         explained = iter(self._explain(jobs))
-        with self.telemetry.timed("encode"):
+        # encode times answers: a batch of refusals only has none (docs/monitoring.md).
+        with self.telemetry.timed("encode") if jobs else contextlib.nullcontext():
             replies = [
                 self._write(protocol, [next(explained) if _is_job(o) else o for o in read])
                 for protocol, read in zip(protocols, reads, strict=True)

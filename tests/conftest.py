@@ -85,6 +85,16 @@ def server(tmp_path_factory, model_store):
 
 
 @pytest.fixture(scope="session")
+def batching_server(tmp_path_factory):
+    """batchSize 8 and a long delay: 8 concurrent posts are served as one batch."""
+    store = shapes_variant_store(tmp_path_factory, "batching", batchSize=8, maxBatchDelay=5000)
+    ts = LocalTorchServe.on_free_ports(tmp_path_factory.mktemp("batching_ts"), CONFIG, store)
+    ts.start()
+    yield ts
+    ts.stop()
+
+
+@pytest.fixture(scope="session")
 def production_server(tmp_path_factory, model_store):
     """TorchServe with config/production.properties; its inference address comes from
     TS_INFERENCE_ADDRESS (enable_envvars_config), as a deployment would set it."""

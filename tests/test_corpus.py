@@ -15,7 +15,7 @@ from camserve.errors import MAX_MESSAGE_CHARS
 from harness.local_torchserve import LocalTorchServe, read_properties
 from tests.conftest import CONFIG, held_out, png_bytes
 from tests.corpus import FRONTEND_413, OK, Case, build_corpus
-from tests.live import VALIDATOR, archive_with, map_distance, same_answer, worker_processes
+from tests.live import VALIDATOR, map_distance, same_answer, worker_processes
 
 pytestmark = pytest.mark.integration
 
@@ -93,17 +93,6 @@ def test_the_worker_survived_the_corpus(server, workers_at_start):
     assert {p.pid for p in worker_processes(server)} == workers_at_start
     good = held_out(20)
     assert answer_for(server, png_bytes(good.image))["predictions"][0]["index"] == good.label
-
-
-@pytest.fixture(scope="module")
-def batching_server(tmp_path_factory):
-    """batchSize 8 and a long delay: 8 concurrent posts are served as one batch."""
-    work = tmp_path_factory.mktemp("corpus_batching")
-    store = archive_with(work / "store", work, batchSize=BATCH, maxBatchDelay=5000)
-    ts = LocalTorchServe.on_free_ports(work / "ts", CONFIG, store)
-    ts.start()
-    yield ts
-    ts.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness.local_torchserve import LocalTorchServe
-from tests.conftest import CONFIG
-from tests.live import archive_with
 from tests.recorded_answers import differences, exchanges, load_recording, recorded_form
 
 pytestmark = pytest.mark.integration
@@ -36,17 +33,6 @@ def test_each_request_alone_gets_its_recorded_answer(server, recording):
         if found:
             changed[exchange.name] = found[:3]
     assert not changed, changed
-
-
-@pytest.fixture(scope="module")
-def batching_server(tmp_path_factory):
-    """batchSize 8 and a long delay: 8 concurrent posts are served as one batch."""
-    work = tmp_path_factory.mktemp("recorded_batching")
-    store = archive_with(work / "store", work, batchSize=BATCH, maxBatchDelay=5000)
-    ts = LocalTorchServe.on_free_ports(work / "ts", CONFIG, store)
-    ts.start()
-    yield ts
-    ts.stop()
 
 
 def test_each_request_in_a_batch_gets_its_recorded_answer(batching_server, recording):
