@@ -13,10 +13,12 @@ HARNESS := $(PY) -m harness
 
 # The Debian packages whose commands the targets run. A target that needs some lists
 # system-deps first among its prerequisites and, unless it needs all of them, names its own:
-#   serve: SYSTEM_PACKAGES = $(JAVA_PACKAGE)
-# (a target-specific value reaches the prerequisite's recipe). harness/system_deps.sh checks
-# them, installs the missing ones with apt-get (sudo when not root), prints nothing when none
-# is missing, and otherwise stops the target with one line naming the packages.
+#   screenshot: SYSTEM_PACKAGES = $(BROWSER_PACKAGES)
+#   screenshot: system-deps ...
+# (a target-specific value reaches the prerequisite's recipe; with several goals in one make
+# run, the first goal's list is checked). harness/system_deps.sh checks them, installs the
+# missing ones with apt-get (sudo when not root), prints nothing when none is missing, and
+# otherwise stops the target with one line naming the packages and the command to run.
 JAVA_PACKAGE := openjdk-17-jre-headless
 PROMETHEUS_PACKAGE := prometheus
 BROWSER_PACKAGES := chromium chromium-driver

@@ -8,6 +8,8 @@
 # Where it cannot install (no apt-get, not root and no sudo, apt-get fails) it prints one line
 # naming the packages and the command to run, and exits 1. --check only reports the missing
 # packages (one line, exit 1) and installs nothing. Exit 2: bad arguments.
+# $missing and $sudo are split into words on purpose (package names checked against KNOWN).
+# shellcheck disable=SC2086
 set -u
 
 PROG=system-deps
@@ -82,14 +84,12 @@ missing=$(missing_of "$@")
 say() {
     echo "$PROG: missing $missing; $*" >&2
 }
-if [ "$(id -u)" = 0 ]; then
-    sudo=""
-elif command -v sudo >/dev/null 2>&1; then
-    sudo="sudo "
-else
-    sudo=""
+uid=$(id -u)
+sudo=""
+if [ "$uid" != 0 ] && command -v sudo >/dev/null 2>&1; then
+    sudo=sudo
 fi
-install="${sudo}apt-get install -y --no-install-recommends $missing"
+install="${sudo:+sudo }apt-get install -y --no-install-recommends $missing"
 
 if $check_only; then
     say "run: $install"
@@ -100,18 +100,18 @@ if ! command -v apt-get >/dev/null 2>&1; then
         "(commands needed on PATH: $(commands_for $missing))"
     exit 1
 fi
-if [ "$(id -u)" != 0 ] && [ -z "$sudo" ]; then
+if [ "$uid" != 0 ] && [ -z "$sudo" ]; then
     say "not root and no sudo: run as root: $install"
     exit 1
 fi
 
 log=$(mktemp "${TMPDIR:-/tmp}/camserve-system-deps.XXXXXX")
 # The outcome finishes this line.
-printf '%s' "$PROG: missing $missing; installing with ${sudo}apt-get (log: $log)... " >&2
-if ! { ${sudo}env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-    ${sudo}env DEBIAN_FRONTEND=noninteractive \
+printf '%s' "$PROG: missing $missing; installing with ${sudo:+sudo }apt-get (log: $log)... " >&2
+if ! { $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+    $sudo env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -qq --no-install-recommends $missing; } >"$log" 2>&1; then
-    echo "failed; run: ${sudo}apt-get update && $install" >&2
+    echo "failed; run: ${sudo:+sudo }apt-get update && $install" >&2
     exit 1
 fi
 # Debian's package also starts a system Prometheus on *:9090, beyond loopback and on the port
@@ -119,7 +119,7 @@ fi
 case " $missing " in
     *" prometheus "*)
         if [ -d /run/systemd/system ]; then
-            ${sudo}systemctl disable --now prometheus.service >>"$log" 2>&1
+            $sudo systemctl disable --now prometheus.service >>"$log" 2>&1
         fi
         ;;
 esac
