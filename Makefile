@@ -9,7 +9,23 @@ CORE_FILES := $(shell find camserve handlers -name '*.py' -o -name '*.json' 2>/d
 HARNESS := $(PY) -m harness
 
 .PHONY: serve stop test lint format train evaluate archive calibrate calibrate-shapes venv clean monitor monitor-stop \
-	gallery kserve-bundle bench bench-gpu soak
+	gallery kserve-bundle bench bench-gpu soak system-deps
+
+# The Debian packages whose commands the targets run. A target that needs some lists
+# system-deps first among its prerequisites and, unless it needs all of them, names its own:
+#   screenshot: SYSTEM_PACKAGES = $(BROWSER_PACKAGES)
+#   screenshot: system-deps ...
+# (a target-specific value reaches the prerequisite's recipe; with several goals in one make
+# run, the first goal's list is checked). harness/system_deps.sh checks them, installs the
+# missing ones with apt-get (sudo when not root), prints nothing when none is missing, and
+# otherwise stops the target with one line naming the packages and the command to run.
+JAVA_PACKAGE := openjdk-17-jre-headless
+PROMETHEUS_PACKAGE := prometheus
+BROWSER_PACKAGES := chromium chromium-driver
+SYSTEM_PACKAGES = $(JAVA_PACKAGE) $(PROMETHEUS_PACKAGE) $(BROWSER_PACKAGES)
+
+system-deps:
+	@sh harness/system_deps.sh $(SYSTEM_PACKAGES)
 
 venv: $(INSTALLED)
 
@@ -45,7 +61,8 @@ calibrate-shapes: $(INSTALLED)
 
 # `make serve MODELS=resnet50=resnet50_calibrated.mar` serves another archive of model_store/.
 MODELS ?= shapes=shapes.mar
-serve: model_store/shapes.mar
+serve: SYSTEM_PACKAGES = $(JAVA_PACKAGE)
+serve: system-deps model_store/shapes.mar
 	$(HARNESS).local_torchserve serve --models $(MODELS)
 
 stop: $(INSTALLED)
@@ -53,16 +70,14 @@ stop: $(INSTALLED)
 
 # A local Prometheus (Debian's package, installed when missing) scraping the TorchServe of
 # `make serve`, with the alert rules of config/prometheus; see docs/monitoring.md.
-SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
-monitor: $(INSTALLED)
-	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+monitor: SYSTEM_PACKAGES = $(PROMETHEUS_PACKAGE)
+monitor: system-deps $(INSTALLED)
 	$(HARNESS).local_prometheus start
 
 monitor-stop: $(INSTALLED)
 	$(HARNESS).local_prometheus stop
 
-test: model_store/shapes.mar
+test: system-deps model_store/shapes.mar
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
@@ -70,7 +85,8 @@ test: model_store/shapes.mar
 # The long reliability run (docs/reliability.md): 32 verified clients for 2 minutes on the
 # production config (worker RSS compared after minute 1), then a worker kill mid-load.
 # Writes bench/results/<date>-soak.json; exits non-zero when a check fails.
-soak: $(INSTALLED)
+soak: SYSTEM_PACKAGES = $(JAVA_PACKAGE)
+soak: system-deps $(INSTALLED)
 	$(PY) -m tests.load --clients 32 --duration 120 --warmup 60
 
 lint: $(INSTALLED)
@@ -109,13 +125,15 @@ $(BENCH_INSTALLED): $(INSTALLED) requirements-bench.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.lock
 	touch $@
 
-bench: $(BENCH_INSTALLED)
+bench: SYSTEM_PACKAGES = $(JAVA_PACKAGE)
+bench: system-deps $(BENCH_INSTALLED)
 	$(PY) -m bench.run
 
 # ResNet-50 on CUDA, explained against plain, in process and through TorchServe (a few minutes
 # on one data-centre GPU): writes bench/results/<date>-gpu.json. Without CUDA it exits 2 and
 # says why (docs/performance.md).
-bench-gpu: $(INSTALLED)
+bench-gpu: SYSTEM_PACKAGES = $(JAVA_PACKAGE)
+bench-gpu: system-deps $(INSTALLED)
 	$(PY) -m bench.gpu
 
 clean:
