@@ -37,7 +37,8 @@ UI_PAGES = {
     "targets": "targets",
 }
 INSTALL_HINT = (
-    "install Debian's prometheus package (apt-get install prometheus), or run make monitor"
+    "install Debian's prometheus package (apt-get install prometheus), or run make monitor or "
+    "make test, which install it"
 )
 
 

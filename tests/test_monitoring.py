@@ -2,7 +2,7 @@
 
 The integration test runs a real TorchServe and a real Prometheus scraping it, posts a known
 mix of requests, and compares what Prometheus stored with what was sent. Prometheus and
-promtool must be installed (.ci/run and ``make monitor`` install Debian's package): without
+promtool must be installed (``make test`` and ``make monitor`` install Debian's package): without
 them these tests fail, they do not skip.
 """
 
