@@ -187,7 +187,7 @@ def decode_speed(repeats: int = 7) -> dict:
 
     data = photo_jpeg()
     preprocessing = Preprocessing(input_size=(224, 224), resize=256, center_crop=(224, 224))
-    side = preprocessing.min_source_side
+    side = preprocessing.resize  # the shorter side the resize needs
     stats = interleaved(
         {
             "full_decode": lambda: preprocessing(decode_image(data)),

@@ -34,8 +34,7 @@ class PlainHandler(BaseHandler):
         self.initialized = True
 
     def handle(self, data, context):
-        side = self.config.preprocessing.min_source_side
-        images = [decode_image(parse_item(item).image, min_side=side) for item in data]
+        images = [decode_image(parse_item(item).image) for item in data]  # in full, as camserve
         x = self.config.preprocessing.batch(images)
         with torch.inference_mode():
             probabilities = self.model(x.to(self.device)).softmax(dim=1)

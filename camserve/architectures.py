@@ -1,7 +1,9 @@
-"""Build a classifier by name: a torchvision model, or a custom class from a model file."""
+"""Build a classifier by name (a torchvision model, or a custom class from a model file), and
+read weights: safetensors, state_dicts and training checkpoints, never pickled code."""
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib.util
 import math
@@ -65,26 +67,17 @@ def constructor_options(architecture: str, state: dict[str, torch.Tensor] | None
     return options
 
 
-def trained_input_size(model: nn.Module) -> tuple[int, int] | None:
-    """The only input size the model accepts, when its weights fix one (ViT: the position
-    embeddings cover one grid of patches); None when any size works."""
-    from torchvision.models.vision_transformer import VisionTransformer
-
-    if isinstance(model, VisionTransformer):
-        return (model.image_size, model.image_size)
-    return None
-
-
 def check_input_size(model: nn.Module, input_size: tuple[int, int]) -> None:
     """Refuse an input size other than the one the weights were trained for."""
-    trained = trained_input_size(model)
-    if trained is not None and tuple(input_size) != trained:
+    from camserve.sources import source_of_model
+
+    fixed = source_of_model(model).fixed_input(model)
+    if fixed is not None and tuple(input_size) != tuple(fixed.size):
+        (h, w), (given_h, given_w) = fixed.size, input_size
         raise ValueError(
-            f"{type(model).__name__} weights were trained at {trained[0]}x{trained[1]} "
-            f"(their position embeddings cover a {model.image_size // model.patch_size}"
-            f"x{model.image_size // model.patch_size} grid of {model.patch_size}-pixel "
-            f"patches), but the input size is {input_size[0]}x{input_size[1]}: use "
-            f"--input-size {trained[0]}"
+            f"{type(model).__name__} weights were trained at {h}x{w} ({fixed.describe()}), "
+            f"but the input size is {given_h}x{given_w}: use --input-size "
+            f"{h if h == w else f'{h}x{w}'}"
         )
 
 
@@ -114,25 +107,90 @@ def _import_model_file(model_file: Path):
     return module
 
 
-def read_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
-    """A state_dict from ``weights``, loaded with ``weights_only=True`` (pickled code refused).
+# Where training scripts keep the weights inside a checkpoint, in the order timm's own
+# loader prefers them (its default use_ema=True): the EMA copy when there is one.
+CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+# Prefixes that wrappers add to every key: DataParallel/DDP, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
-    Accepts a checkpoint that wraps it as ``{"state_dict": ...}`` and drops the ``module.``
-    prefix that ``nn.DataParallel`` adds.
+
+def read_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from ``weights``; see ``read_checkpoint``."""
+    return read_checkpoint(weights)[0]
+
+
+def read_checkpoint(weights: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(state_dict, the checkpoint key it came from or None) from a ``.safetensors`` file, a
+    state_dict, or a training checkpoint that holds one.
+
+    Nothing runs code: safetensors holds tensors only, and ``torch.load`` runs with
+    ``weights_only=True``, admitting ``argparse.Namespace`` alone (the ``args`` of timm's
+    and torchvision's training checkpoints). A checkpoint is unwrapped at the first of
+    ``CHECKPOINT_KEYS`` it has; ``module.`` and ``_orig_mod.`` prefixes are dropped.
     """
+    weights = Path(weights)
+    if is_safetensors(weights):
+        return _read_safetensors(weights), None
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError and others
         raise ValueError(
-            f"{weights} is not a plain state_dict loadable with weights_only=True "
-            f"(pickled modules and code are refused): {err}"
+            f"{weights} is neither safetensors nor a state_dict loadable with weights_only=True "
+            f"(pickled modules and code are refused): {first_line(err)}"
         ) from None
     if not isinstance(state, dict):
         raise ValueError(f"{weights} holds a {type(state).__name__}, expected a state_dict")
-    if "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+    key = next((k for k in CHECKPOINT_KEYS if isinstance(state.get(k), dict)), None)
+    if key is not None:
+        state = state[key]
+    elif not all(isinstance(v, torch.Tensor) for v in state.values()):
+        others = ", ".join(sorted(str(k) for k in state)[:6])
+        raise ValueError(
+            f"{weights} is a checkpoint without a state_dict (its keys: {others}); expected "
+            f"one of {', '.join(CHECKPOINT_KEYS)}, or a plain state_dict"
+        )
+    return _without_wrapper_prefixes(state), key
+
+
+def first_line(err: BaseException) -> str:
+    """A library's error as one line (the command line prints one line, no traceback)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def is_safetensors(path: Path) -> bool:
+    """A ``.safetensors`` name, or the format's header: a little-endian length, then JSON."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as file:
+        head = file.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 32
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ValueError(
+            f"{path} is a safetensors file, but the safetensors package is missing: "
+            "pip install safetensors"
+        ) from None
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def _without_wrapper_prefixes(state: dict) -> dict:
+    """Drop the prefixes that wrap every key, in any order (compiled DDP: both)."""
+
+    def wrapping(prefix: str) -> bool:
+        return all(isinstance(k, str) and k.startswith(prefix) for k in state)
+
+    while state and (prefix := next(filter(wrapping, WRAPPER_PREFIXES), None)):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
     return state
 
 

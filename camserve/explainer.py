@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from camserve import maps
-from camserve.architectures import build_model, check_input_size, load_weights, read_state_dict
+from camserve.architectures import check_input_size
 from camserve.compensation import CompensationReport, probe_compensable
 from camserve.decode import DEFAULT_MAX_PIXELS, decode_image
 from camserve.device import to_host
@@ -35,6 +35,7 @@ from camserve.labels import load_labels, resolve_target
 from camserve.layers import auto_target_layer
 from camserve.preprocess import Preprocessing
 from camserve.request import ParsedRequest, RequestOptions
+from camserve.sources import source_of_architecture
 from camserve.telemetry import ScoreBaseline
 from camserve.zero_reference import (
     ChannelStatistics,
@@ -65,6 +66,9 @@ class ExplainerConfig:
     model_file: str | None = None
     model_class: str | None = None
     target_layout: str | None = None  # camserve.grid layout, for a model file's layer
+    # timm and transformers: their config.json, and the package and version that built it.
+    model_config: str | None = None
+    built_with: dict | None = None
     # Per-class metric series (camserve.telemetry); only for models with few classes.
     class_metrics: bool = False
 
@@ -75,6 +79,7 @@ class ExplainerConfig:
             "epsilon", "threshold", "max_pixels", "calibration", "model_file", "model_class",
             "target_layout",
             "class_metrics",
+            "model_config", "built_with",
         }  # fmt: skip
         unknown = set(section) - known
         if unknown:
@@ -97,6 +102,8 @@ class ExplainerConfig:
             model_class=section.get("model_class"),
             target_layout=section.get("target_layout"),
             class_metrics=bool(section.get("class_metrics", False)),
+            model_config=section.get("model_config"),
+            built_with=section.get("built_with"),
         )
 
     def to_handler_section(self) -> dict:
@@ -111,7 +118,10 @@ class ExplainerConfig:
             "max_pixels": self.max_pixels,
             "preprocessing": self.preprocessing.to_dict(),
         }
-        for key in ("calibration", "model_file", "model_class", "target_layout"):
+        for key in (
+            "calibration", "model_file", "model_class", "target_layout", "model_config",
+            "built_with",
+        ):  # fmt: skip
             if getattr(self, key) is not None:
                 section[key] = getattr(self, key)
         if self.class_metrics:
@@ -180,19 +190,12 @@ class Explanation:
 
 
 def load_model(directory: str | Path, config: ExplainerConfig, num_classes: int) -> nn.Module:
-    """The configured architecture (or model file) with its weights, from a model folder."""
-    directory = Path(directory)
-    state = read_state_dict(directory / config.weights)
-    model = build_model(
-        config.architecture,
-        num_classes,
-        model_file=directory / config.model_file if config.model_file else None,
-        model_class=config.model_class,
-        state=state,  # constructor arguments the weights fix (camserve.architectures)
-    )
+    """The configured model with its weights, from a model folder, built by its source
+    (camserve.sources: torchvision or a model file, timm, transformers)."""
+    model = source_of_architecture(config.architecture).load(Path(directory), config, num_classes)
     # Eval mode before anything runs it: a forward in training mode (layer tracing, the grid
     # and gradient checks) would overwrite BatchNorm's running statistics.
-    return load_weights(model, state).eval()
+    return model.eval()
 
 
 def load_calibration(path: str | Path, layer: str | None = None) -> ChannelStatistics:
@@ -303,9 +306,9 @@ class Explainer:
     def prepare(self, request: ParsedRequest) -> PreparedImage:
         """Decode and validate one request; raises ``InputError`` for a bad item."""
         requested = resolve_target(request.options.target, self.labels)
-        image = decode_image(
-            request.image, self.config.max_pixels, self.config.preprocessing.min_source_side
-        )
+        # Decoded in full: a reduced-scale JPEG decode moves the network input by grey
+        # levels, far beyond the preprocessing tolerance (docs/performance.md#decoding).
+        image = decode_image(request.image, self.config.max_pixels)
         return self.prepare_image(image, request.options, requested)
 
     def prepare_image(

@@ -19,6 +19,7 @@ already the (N, C, h, w) grid.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,13 +30,37 @@ NCHW = "nchw"
 NHWC = "nhwc"
 TOKENS = "tokens"
 CLS_TOKENS = "cls_tokens"
+# prefix<K>_tokens: K tokens (class, distillation, registers...), then the patch tokens.
+PREFIX_TOKENS = re.compile(r"prefix([0-9]+)_tokens")
 LAYOUTS = {
     NCHW: "(N, C, h, w), convolutional feature maps",
     NHWC: "(N, h, w, C), channels last (Swin)",
     TOKENS: "(N, h*w, C), patch tokens in row-major order",
     CLS_TOKENS: "(N, 1 + h*w, C), a class token, then patch tokens (ViT)",
+    "prefix<K>_tokens": "(N, K + h*w, C), K tokens (class, distillation, registers), then "
+    "patch tokens (DeiT: prefix2_tokens)",
 }
 TAP = "grid"
+
+
+def prefix_tokens(layout: str) -> int | None:
+    """How many tokens come before the patch tokens; None for a layout that is no sequence."""
+    if layout == TOKENS:
+        return 0
+    if layout == CLS_TOKENS:
+        return 1
+    match = PREFIX_TOKENS.fullmatch(layout)
+    return int(match.group(1)) if match else None
+
+
+def token_layout(prefix: int) -> str:
+    """The layout of a token sequence with ``prefix`` tokens before the patch tokens."""
+    return {0: TOKENS, 1: CLS_TOKENS}.get(prefix, f"prefix{prefix}_tokens")
+
+
+def check_layout(layout: str) -> None:
+    if layout not in (NCHW, NHWC) and prefix_tokens(layout) is None:
+        raise ValueError(f"unknown target layout {layout!r}; use one of {', '.join(LAYOUTS)}")
 
 
 def grid_size(layout: str, shape: tuple[int, ...], input_size: tuple[int, int]):
@@ -44,23 +69,23 @@ def grid_size(layout: str, shape: tuple[int, ...], input_size: tuple[int, int]):
     A grid must fit in the input and have its aspect: one stride ``s`` with ``h ~ H/s`` and
     ``w ~ W/s`` up to the rounding of one cell, so ``|h W - w H| <= max(H, W)``.
     """
+    check_layout(layout)
     height, width = input_size
-    if layout in (NCHW, NHWC):
+    prefix = prefix_tokens(layout)
+    if prefix is None:
         if len(shape) != 4:
             return None
         h, w = shape[2:] if layout == NCHW else shape[1:3]
-    elif layout in (TOKENS, CLS_TOKENS):
+    else:
         if len(shape) != 3:
             return None
-        count = shape[1] - (layout == CLS_TOKENS)
+        count = shape[1] - prefix
         if count < 1:
             return None
         h = max(1, round(math.sqrt(count * height / width)))
         w = count // h
         if h * w != count:
             return None
-    else:
-        raise ValueError(f"unknown target layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     if h > height or w > width or abs(h * width - w * height) > max(height, width):
         return None
     return int(h), int(w)
@@ -68,16 +93,9 @@ def grid_size(layout: str, shape: tuple[int, ...], input_size: tuple[int, int]):
 
 def family_layout(model: nn.Module, layer_name: str, shape: tuple[int, ...]) -> str | None:
     """The layout a known model family uses at ``layer_name``; None when it is not known."""
-    from torchvision.models.swin_transformer import SwinTransformer
-    from torchvision.models.vision_transformer import VisionTransformer
+    from camserve.sources import source_of_model
 
-    if isinstance(model, SwinTransformer):
-        # features.* and norm are channels last; permute turns them into (N, C, h, w).
-        inside = layer_name in ("features", "norm") or layer_name.startswith("features.")
-        return NHWC if inside and len(shape) == 4 else NCHW
-    if isinstance(model, VisionTransformer):
-        return CLS_TOKENS if layer_name.startswith("encoder") and len(shape) == 3 else NCHW
-    return NCHW if len(shape) == 4 else None
+    return source_of_model(model).layout(model, layer_name, shape)
 
 
 def read_layout(
@@ -90,8 +108,8 @@ def read_layout(
     """The layout of ``layer_name``'s output: the given one, else the family's; refused
     with a ``ValueError`` when the output cannot be read as a grid that way."""
     given = layout is not None
-    if given and layout not in LAYOUTS:
-        raise ValueError(f"unknown target layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    if given:
+        check_layout(layout)
     layout = layout if given else family_layout(model, layer_name, shape)
     if layout is not None and grid_size(layout, shape, tuple(input_size)) is not None:
         return layout
@@ -112,13 +130,14 @@ def read_layout(
 
 
 def to_grid(output: Tensor, layout: str, size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
-    """(grid (N, C, h, w), the class token or None)."""
+    """(grid (N, C, h, w), the tokens before the patch tokens or None)."""
     if layout == NCHW:
         return output, None
     if layout == NHWC:
         return output.permute(0, 3, 1, 2), None
-    prefix = output[:, :1] if layout == CLS_TOKENS else None
-    tokens = output[:, 1:] if layout == CLS_TOKENS else output
+    count = prefix_tokens(layout)
+    prefix = output[:, :count] if count else None
+    tokens = output[:, count:]
     grid = tokens.transpose(1, 2).reshape(output.shape[0], output.shape[2], *size)
     return grid, prefix
 
@@ -234,7 +253,8 @@ def check_gradient_reaches_grid(model: nn.Module, tap: str, input_size: tuple[in
         raise ValueError(
             f"the explained logit has zero gradient at every position of {tap!r}: nothing "
             "of this layer's grid reaches the head (after a ViT's last block only the class "
-            "token does). Pick an earlier layer, e.g. the last block's ln_1"
+            "token does). Pick an earlier layer, e.g. the last block's first LayerNorm (ln_1, "
+            "norm1, layernorm_before)"
         )
 
 

@@ -9,11 +9,12 @@ outputs a 4-D map) and normalisation layers (ConvNeXt's head ``LayerNorm2d``). T
 module to finish prefers the outermost container (``layer4`` over ``layer4.1``), whose name
 is stable across depths of the same family.
 
-Transformers are handled by family, with the layers that the Grad-CAM literature and
-pytorch-grad-cam's documentation use (docs/bring-your-own-model.md says why): Swin's final
-``norm`` (channels last, averaged into the head) and ViT's last block's ``ln_1`` (a layer
-after which only the class token reaches the head would give zero gradient to the patches).
-A model whose last modules output token sequences is not guessed at: name its layer.
+Known families are handled by their source (camserve.sources), with the layers that the
+Grad-CAM literature and pytorch-grad-cam's documentation use (docs/bring-your-own-model.md
+says why): timm's own ``feature_info``, Swin's final norm (channels last or tokens, averaged
+into the head) and ViT's last block's first LayerNorm (a layer after which only the class
+token reaches the head would give zero gradient to the patches). A model whose last modules
+output token sequences is not guessed at: name its layer.
 """
 
 from __future__ import annotations
@@ -77,21 +78,16 @@ def trace_outputs(model: nn.Module, input_size: tuple[int, int]) -> list[LayerOu
 
 
 def family_target_layer(model: nn.Module) -> str | None:
-    """The target layer of a transformer family camserve knows; None for the others."""
-    from torchvision.models.swin_transformer import SwinTransformer
-    from torchvision.models.vision_transformer import VisionTransformer
+    """The target layer of a model family its source knows (camserve.sources); None for
+    the others."""
+    from camserve.sources import source_of_model
 
-    if isinstance(model, SwinTransformer):
-        return "norm"
-    if isinstance(model, VisionTransformer):
-        last = list(model.encoder.layers.named_children())[-1][0]
-        return f"encoder.layers.{last}.ln_1"
-    return None
+    return source_of_model(model).target_layer(model)
 
 
 def auto_target_layer(model: nn.Module, input_size: tuple[int, int]) -> str:
-    """The family's layer for a known transformer, else the last module finishing with a
-    4-D output that is or contains a Conv2d."""
+    """The family's layer for a known family, else the last module finishing with a 4-D
+    output that is or contains a Conv2d."""
     family = family_target_layer(model)
     if family is not None:
         return family
@@ -101,7 +97,8 @@ def auto_target_layer(model: nn.Module, input_size: tuple[int, int]) -> str:
         raise ValueError(
             f"cannot pick a target layer automatically: no convolutional module of "
             f"{type(model).__name__} outputs an (N, K, h, w) feature map at input size "
-            f"{tuple(input_size)}; name one with --target-layer"
+            f"{tuple(input_size)}; name one with --target-layer (and its layout with "
+            f"--target-layout: {', '.join(LAYOUTS)})"
         )
     chosen = candidates[-1]
     tokens = [

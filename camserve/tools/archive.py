@@ -37,6 +37,9 @@ from camserve.explainer import ExplainerConfig
 from camserve.labels import load_labels
 from camserve.layers import auto_target_layer, check_target_layer
 from camserve.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from camserve.sources import BuiltModel, read_pretrained
+from camserve.sources.timm import TimmSource
+from camserve.sources.torchvision import TorchvisionSource
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,8 @@ def build_archive(
     config_path = model_dir / MODEL_CONFIG
     section = yaml.safe_load(config_path.read_text()).get("handler", {})
     needed = [section.get("weights"), section.get("labels", "index_to_name.json")]
-    needed += [section.get(k) for k in ("calibration", "model_file") if section.get(k)]
+    optional = ("calibration", "model_file", "model_config")
+    needed += [section.get(k) for k in optional if section.get(k)]
     missing = [f for f in needed if not f or not (model_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{model_dir} lacks files named in {MODEL_CONFIG}: {missing}")
@@ -113,7 +117,8 @@ def build_archive(
     return export_path / f"{name}.mar"
 
 
-# --- Bring your own model: a torchvision architecture or a custom class plus a state_dict.
+# --- Bring your own model: a torchvision architecture or a custom class plus weights, a timm
+# model by name plus weights, or a saved timm/transformers folder (camserve.sources).
 
 WEIGHTS_FILE = "weights.pt"
 LABELS_FILE = "index_to_name.json"
@@ -137,12 +142,17 @@ class ModelSummary:
     target_layer_auto: bool
     compensable: bool
     compensation: str
+    problem_type: str | None = None  # transformers' config.json problem_type, when it has one
+    notes: tuple[str, ...] = ()
 
     def describe(self) -> str:
         how = "picked automatically" if self.target_layer_auto else "given"
+        extra = "".join(f"; {note}" for note in self.notes)
+        if self.problem_type:
+            extra += f"; problem_type {self.problem_type}"
         return (
             f"{self.architecture}: {self.num_classes} classes (labels: {self.labels_from}); "
-            f"target layer {self.target_layer!r} ({how}); {self.compensation}"
+            f"target layer {self.target_layer!r} ({how}); {self.compensation}{extra}"
         )
 
 
@@ -219,7 +229,7 @@ def read_labels(path: str | Path) -> list[str]:
 
 def write_model_dir(
     out_dir: str | Path,
-    weights: str | Path,
+    weights: str | Path | None = None,
     architecture: str | None = None,
     labels: str | Path | Sequence[str] | None = None,
     target_layer: str | None = None,
@@ -229,10 +239,47 @@ def write_model_dir(
     topk: int = 5,
     serving: dict | None = None,
     target_layout: str | None = None,
+    pretrained: str | Path | None = None,
+    data_config: dict | None = None,
 ) -> ModelSummary:
     """Validate a model and write a model folder (weights, labels, ``model-config.yaml``)
-    that ``build_archive`` packs. Raises ``ValueError`` with a clear message on bad input."""
-    out_dir = Path(out_dir)
+    that ``build_archive`` packs. Raises ``ValueError`` with a clear message on bad input.
+
+    The model is a torchvision ``architecture`` or a ``model_file`` class with ``weights``
+    (``preprocessing``: default torchvision's evaluation pipeline); a timm model,
+    ``architecture="timm:NAME"`` with ``weights`` (its data config, ``data_config`` may set
+    ``input_size``, ``mean`` and ``std``); or a ``pretrained`` folder, whose config decides
+    everything but the labels and the layer."""
+    if topk < 1:
+        raise ValueError(f"topk must be at least 1, got {topk}")
+    if pretrained is not None or (architecture or "").startswith(TimmSource.prefix):
+        if preprocessing is not None or model_file is not None:
+            raise ValueError(
+                "the preprocessing of a timm model or a saved folder is its library's own "
+                "(no --resize, --center-crop or --model-file)"
+            )
+        if pretrained is not None:
+            built = read_pretrained(pretrained)
+        else:
+            _weights_file(weights)
+            name = architecture.removeprefix(TimmSource.prefix)
+            built = TimmSource().build(name, weights, **(data_config or {}))
+        label_list, labels_from = _labels_of(built, labels)
+    else:
+        if data_config:
+            raise ValueError("data_config applies to timm models only")
+        built, label_list, labels_from = _torchvision_model(
+            weights, architecture, labels, model_file, model_class
+        )
+        built.preprocessing = preprocessing or make_preprocessing()
+    return _write_built(
+        Path(out_dir), built, label_list, labels_from, target_layer, target_layout, topk,
+        serving, model_file, model_class,
+    )  # fmt: skip
+
+
+def _torchvision_model(weights, architecture, labels, model_file, model_class):
+    """A torchvision model or a model file's class, with its weights and labels."""
     if model_file is not None:
         model_file = Path(model_file)
         if not model_file.is_file():
@@ -242,17 +289,74 @@ def write_model_dir(
         architecture = architecture or model_class
     if not architecture:
         raise ValueError("name an architecture (--arch) or a model file and class")
-    if not Path(weights).is_file():
-        raise FileNotFoundError(f"weights file {weights} does not exist")
-    preprocessing = preprocessing or make_preprocessing()
-    if topk < 1:
-        raise ValueError(f"topk must be at least 1, got {topk}")
-
+    _weights_file(weights)
     state = read_state_dict(weights)
     label_list, labels_from = _labels(architecture, state, labels, model_file)
     model = build_model(architecture, len(label_list), model_file, model_class, state=state)
     load_weights(model, state)
-    model.eval()
+    built = BuiltModel(
+        source=TorchvisionSource(),
+        architecture=architecture,
+        model=model.eval(),
+        labels=label_list,
+        labels_from=labels_from,
+        preprocessing=None,
+    )
+    return built, label_list, labels_from
+
+
+def _weights_file(weights) -> None:
+    if weights is None:
+        raise ValueError("--weights (safetensors, a state_dict or a checkpoint) is required")
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"weights file {weights} does not exist")
+
+
+def _labels_of(built: BuiltModel, labels) -> tuple[list[str], str]:
+    """``--labels`` when given (it overrides the library's), else the library's."""
+    count = _output_count(built)
+    if labels is not None:
+        names, labels_from = (
+            (read_labels(labels), str(labels))
+            if isinstance(labels, str | Path)
+            else ([str(label) for label in labels], "given")
+        )
+        if len(names) != count:
+            raise ValueError(f"the model has {count} classes, but {len(names)} labels were given")
+        return names, labels_from
+    if built.labels is None:
+        raise ValueError(
+            f"the model has {count} classes and {built.source.name} names none: give their "
+            "names with --labels (index_to_name.json or a text file with one label a line)"
+        )
+    return built.labels, built.labels_from
+
+
+def _output_count(built: BuiltModel) -> int:
+    size = built.preprocessing.input_size
+    with torch.no_grad():
+        outputs = built.model(torch.zeros(1, 3, *size))
+    if outputs.dim() != 2:
+        raise ValueError(
+            f"the model outputs shape {tuple(outputs.shape)}: a classifier must output "
+            "(N, number of classes) logits"
+        )
+    return int(outputs.shape[1])
+
+
+def _write_built(
+    out_dir: Path,
+    built: BuiltModel,
+    label_list: list[str],
+    labels_from: str,
+    target_layer: str | None,
+    target_layout: str | None,
+    topk: int,
+    serving: dict | None,
+    model_file: str | Path | None,
+    model_class: str | None,
+) -> ModelSummary:
+    model, preprocessing, architecture = built.model, built.preprocessing, built.architecture
     size = preprocessing.input_size
     check_input_size(model, size)
     auto = target_layer is None
@@ -272,12 +376,18 @@ def write_model_dir(
     log.info(report.log_line(target_layer))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out_dir / WEIGHTS_FILE)
+    if built.source.prefix is None:  # torchvision, a model file: a plain state_dict
+        torch.save(model.state_dict(), out_dir / WEIGHTS_FILE)
+        weights_file, model_config, built_with = WEIGHTS_FILE, None, None
+    else:  # the library's own folder layout, rebuilt by the worker (camserve.sources)
+        weights_file, model_config = built.source.save(model, out_dir, label_list)
+        built_with = built.source.built_with()
     mapping = {str(i): name for i, name in enumerate(label_list)}
     (out_dir / LABELS_FILE).write_text(json.dumps(mapping, indent=1) + "\n")
+    model_file = Path(model_file) if model_file is not None else None
     section = ExplainerConfig(
         architecture=architecture,
-        weights=WEIGHTS_FILE,
+        weights=weights_file,
         target_layer=target_layer,
         preprocessing=preprocessing,
         labels=LABELS_FILE,
@@ -285,6 +395,8 @@ def write_model_dir(
         model_file=model_file.name if model_file is not None else None,
         model_class=model_class if model_file is not None else None,
         target_layout=target_layout,
+        model_config=model_config,
+        built_with=built_with,
     ).to_handler_section()
     if model_file is not None:
         shutil.copy2(model_file, out_dir / model_file.name)
@@ -307,6 +419,8 @@ def write_model_dir(
             if report.worst_relative_change is not None
             else f"compensable=False ({report.reason})"
         ),
+        problem_type=built.problem_type,
+        notes=tuple(built.notes),
     )
 
 

@@ -2,6 +2,8 @@
 
 camserve archive --model-dir models/shapes --name shapes --export-path model_store
 camserve archive --arch resnet50 --weights my.pth
+camserve archive --arch timm:convnext_tiny --weights model.safetensors --labels labels.txt
+camserve archive --pretrained ./my-vit    # a save_pretrained or save_for_hf folder
 camserve calibrate model_store/resnet50.mar ./images
 camserve predict examples/*.png --out .run/overlays   # table + overlay PNGs
 """
@@ -9,6 +11,7 @@ camserve predict examples/*.png --out .run/overlays   # table + overlay PNGs
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -24,40 +27,67 @@ MODEL_OPTIONS = (
 def _archive(args: argparse.Namespace) -> int:
     from camserve.tools.archive import build_archive, build_model_archive, make_preprocessing
 
+    given = [f"--{k.replace('_', '-')}" for k in MODEL_OPTIONS if getattr(args, k) is not None]
     if args.model_dir is not None:
-        given = [f"--{k.replace('_', '-')}" for k in MODEL_OPTIONS if getattr(args, k) is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} only apply with --arch or --model-file")
+            raise ValueError(
+                f"{', '.join(given)} only apply with --arch, --model-file or --pretrained"
+            )
         name = args.name or args.model_dir.name
         path = build_archive(args.model_dir, name, args.export_path, args.version)
         print(f"wrote {path}")
         return 0
-    if args.weights is None:
-        raise ValueError("--weights (a state_dict file) is required with --arch / --model-file")
-    crop = args.center_crop
-    preprocessing = make_preprocessing(
-        input_size=_size(args.input_size or "224"),
-        resize=_size(args.resize) if args.resize else None,
-        center_crop=None if crop in (None, "none") else _size(crop),
-        crop=crop != "none",
-        **{k: getattr(args, k) for k in ("mean", "std") if getattr(args, k) is not None},
+    timm = (args.arch or "").startswith("timm:")
+    # What a library's own config decides: a timm model's pipeline (but for its input size
+    # and normalisation, as timm's scripts allow), everything of a saved folder.
+    decided = {"resize", "center_crop", "model_class"} | (
+        {"weights", "input_size", "mean", "std"} if args.pretrained is not None else set()
     )
-    name = args.name or (args.arch or args.model_class or "model").lower()
-    path, summary = build_model_archive(
-        name,
-        args.export_path,
-        args.version,
-        weights=args.weights,
-        architecture=args.arch,
-        labels=args.labels,
-        target_layer=args.target_layer,
-        preprocessing=preprocessing,
-        model_file=args.model_file,
-        model_class=args.model_class,
-        target_layout=args.target_layout,
-        topk=args.topk or 5,
-        serving={"batchSize": args.batch_size} if args.batch_size else None,
-    )
+    if timm or args.pretrained is not None:
+        refused = [f"--{k.replace('_', '-')}" for k in sorted(decided) if getattr(args, k)]
+        if refused:
+            source = "a timm model" if timm else "--pretrained"
+            raise ValueError(f"{', '.join(refused)} do not apply to {source}: its config decides")
+    model: dict = {
+        "labels": args.labels,
+        "target_layer": args.target_layer,
+        "target_layout": args.target_layout,
+        "topk": args.topk or 5,
+        "serving": {"batchSize": args.batch_size} if args.batch_size else None,
+    }
+    if args.pretrained is not None:
+        model["pretrained"] = args.pretrained
+        default_name = args.pretrained.resolve().name
+    elif timm:
+        size = _size(args.input_size) if args.input_size else None
+        model.update(
+            weights=args.weights,
+            architecture=args.arch,
+            data_config={
+                "input_size": (size, size) if isinstance(size, int) else size,
+                "mean": args.mean,
+                "std": args.std,
+            },
+        )
+        default_name = args.arch.removeprefix("timm:")
+    else:
+        crop = args.center_crop
+        model.update(
+            weights=args.weights,
+            architecture=args.arch,
+            model_file=args.model_file,
+            model_class=args.model_class,
+            preprocessing=make_preprocessing(
+                input_size=_size(args.input_size or "224"),
+                resize=_size(args.resize) if args.resize else None,
+                center_crop=None if crop in (None, "none") else _size(crop),
+                crop=crop != "none",
+                **{k: getattr(args, k) for k in ("mean", "std") if getattr(args, k) is not None},
+            ),
+        )
+        default_name = (args.arch or args.model_class or "model").lower()
+    name = args.name or re.sub(r"[^A-Za-z0-9_-]", "_", default_name)
+    path, summary = build_model_archive(name, args.export_path, args.version, **model)
     print(summary.describe())
     print(f"wrote {path}")
     return 0
@@ -190,16 +220,31 @@ def main(argv: list[str] | None = None) -> int:
 
     archive = commands.add_parser(
         "archive",
-        help="pack a model folder, or a torchvision architecture / custom class and a "
-        "state_dict, into a .mar",
+        help="pack a model folder, a torchvision or timm architecture / custom class and its "
+        "weights, or a saved transformers/timm folder, into a .mar",
     )
     source = archive.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-dir", type=Path, help="a folder with model-config.yaml")
-    source.add_argument("--arch", help="a torchvision classification model, e.g. resnet50")
+    source.add_argument(
+        "--arch",
+        help="a torchvision classification model (resnet50), or timm:NAME (timm:convnext_tiny)",
+    )
     source.add_argument("--model-file", type=Path, help="a .py file defining an nn.Module")
+    source.add_argument(
+        "--pretrained",
+        type=Path,
+        metavar="DIR",
+        help="a saved folder: transformers' save_pretrained or timm's save_for_hf layout",
+    )
     archive.add_argument("--model-class", help="the nn.Module class in --model-file")
-    archive.add_argument("--weights", type=Path, help="state_dict file (loaded weights_only)")
-    archive.add_argument("--labels", type=Path, help="index_to_name.json or one label a line")
+    archive.add_argument(
+        "--weights",
+        type=Path,
+        help=".safetensors (recommended), a state_dict or a training checkpoint (weights_only)",
+    )
+    archive.add_argument(
+        "--labels", type=Path, help="index_to_name.json or one label a line (overrides a folder's)"
+    )
     archive.add_argument("--target-layer", help="Grad-CAM layer (default: picked automatically)")
     archive.add_argument(
         "--target-layout",
@@ -278,9 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     predict.set_defaults(run=_predict)
 
     args = parser.parse_args(argv)
+    from camserve.sources import MissingExtra
+
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError, MissingExtra) as err:
         print(f"camserve {args.command}: error: {err}", file=sys.stderr)
         return 2
 

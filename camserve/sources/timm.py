@@ -1,0 +1,268 @@
+"""timm (PyTorch Image Models): a model by name with weights, or a folder in the Hub's layout.
+
+The served archive holds the folder that ``timm.models.save_for_hf`` writes (``config.json``
+with the architecture, its arguments and ``pretrained_cfg``; ``model.safetensors``), and a
+worker rebuilds it with ``timm.create_model("local-dir:...")``: nothing is downloaded.
+
+- The Grad-CAM layer is the module of timm's own ``feature_info`` (the last feature map),
+  except for ViT/DeiT: after their last block only the class token reaches the head, so the
+  layer is the last block's ``norm1`` (tokens after ``num_prefix_tokens`` prefix tokens).
+- The preprocessing is timm's data config (``resolve_data_config``: input size,
+  interpolation, ``crop_pct``, ``crop_mode``, mean, std), which ``create_transform`` turns
+  into a resize of the PIL image, a centre crop (offsets rounded) and a normalisation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+
+from torch import nn
+
+from camserve.grid import NCHW, NHWC, token_layout
+from camserve.sources import BuiltModel, FixedInput, Source
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+class TimmSource(Source):
+    name = "timm"
+    package = "timm"
+    extra = "timm"
+    prefix = "timm:"
+
+    # --- serving ---------------------------------------------------------------------------
+
+    def load(self, directory: Path, config, num_classes: int) -> nn.Module:
+        from camserve.architectures import load_weights, read_state_dict
+
+        timm = self.require(config.built_with)
+        model = timm.create_model(f"local-dir:{directory}", pretrained=False)
+        return load_weights(model, read_state_dict(directory / config.weights))
+
+    def target_layer(self, model: nn.Module) -> str | None:
+        from timm.models.vision_transformer import VisionTransformer
+
+        if isinstance(model, VisionTransformer):
+            return f"blocks.{len(model.blocks) - 1}.norm1"
+        info = getattr(model, "feature_info", None)
+        return info[-1]["module"] if info else None
+
+    def layout(self, model: nn.Module, layer_name: str, shape: tuple[int, ...]) -> str | None:
+        if len(shape) == 3 and hasattr(model, "num_prefix_tokens"):
+            return token_layout(int(model.num_prefix_tokens))
+        if len(shape) == 4:
+            # Swin and other channels-last timm models say so in output_fmt.
+            return NHWC if str(getattr(model, "output_fmt", "NCHW")) == "NHWC" else NCHW
+        return None
+
+    def fixed_input(self, model: nn.Module) -> FixedInput | None:
+        embed = getattr(model, "patch_embed", None)
+        if embed is None or not getattr(embed, "strict_img_size", False):
+            return None
+        size, patch = getattr(embed, "img_size", None), getattr(embed, "patch_size", None)
+        if not size or not patch:
+            return None
+        return FixedInput((int(size[0]), int(size[1])), int(patch[0]))
+
+    # --- archiving -------------------------------------------------------------------------
+
+    def build(
+        self,
+        name: str,
+        weights: str | Path,
+        input_size: tuple[int, int] | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+    ) -> BuiltModel:
+        """``timm.create_model(name)`` with the head the weights have, and the weights.
+
+        ``input_size``, ``mean`` and ``std`` override the pretrained config's, as timm's own
+        scripts do; a ViT is then built for that size (its position embeddings fix it)."""
+        from camserve.architectures import load_weights, read_checkpoint
+
+        timm = self.require()
+        self._check_name(timm, name)
+        state, key = read_checkpoint(weights)
+        overlay = {
+            k: v
+            for k, v in (
+                ("input_size", (3, *input_size) if input_size else None),
+                ("mean", tuple(mean) if mean else None),
+                ("std", tuple(std) if std else None),
+            )
+            if v is not None
+        }
+        num_classes = self._num_classes(timm, name, state, weights)
+        model = timm.create_model(
+            name, pretrained=False, num_classes=num_classes, pretrained_cfg_overlay=overlay
+        )
+        mismatch_hint(model, state, input_size)
+        load_weights(model, state)
+        notes = [f"weights: {key} of the checkpoint"] if key else []
+        labels, labels_from = self._imagenet_labels(model)
+        return BuiltModel(
+            source=self,
+            architecture=f"{self.prefix}{name}",
+            model=model.eval(),
+            labels=labels,
+            labels_from=labels_from,
+            preprocessing=self.preprocessing(model),
+            notes=notes,
+        )
+
+    def read_folder(self, directory: Path, config: dict) -> BuiltModel:
+        """A folder written by ``timm.models.save_for_hf`` (or downloaded from the Hub)."""
+        from camserve.architectures import first_line, load_weights, read_state_dict
+
+        timm = self.require()
+        name = config.get("architecture")
+        if not isinstance(name, str) or not timm.is_model(name):
+            raise ValueError(
+                f"{directory}/config.json names the timm architecture {name!r}, which timm "
+                f"{self.version()} does not know"
+            )
+        classes = config.get("num_classes", (config.get("pretrained_cfg") or {}).get("num_classes"))
+        if not classes:
+            raise ValueError(
+                f"{directory}/config.json describes {name} without a classifier "
+                f"(num_classes {classes}): camserve explains image classifiers"
+            )
+        try:
+            model = timm.create_model(f"local-dir:{directory}", pretrained=False)
+        except (TypeError, ValueError, RuntimeError, KeyError) as err:
+            raise ValueError(
+                f"timm cannot build {name} from {directory}/config.json: {first_line(err)}"
+            ) from None
+        weights = next((directory / f for f in WEIGHT_FILES if (directory / f).is_file()), None)
+        if weights is None:
+            raise FileNotFoundError(
+                f"{directory} holds no weights ({', '.join(WEIGHT_FILES)}) next to config.json"
+            )
+        load_weights(model, read_state_dict(weights))
+        names = model.pretrained_cfg.get("label_names")
+        if names:
+            labels, labels_from = _label_list(names, model.num_classes, directory), "config.json"
+        else:
+            labels, labels_from = self._imagenet_labels(model)
+        return BuiltModel(
+            source=self,
+            architecture=f"{self.prefix}{name}",
+            model=model.eval(),
+            labels=labels,
+            labels_from=labels_from,
+            preprocessing=self.preprocessing(model),
+        )
+
+    def preprocessing(self, model: nn.Module):
+        """The model's data config (timm.data.resolve_data_config) as a ``Preprocessing``."""
+        from timm.data import resolve_data_config
+
+        return data_config_preprocessing(resolve_data_config({}, model=model))
+
+    def save(self, model: nn.Module, out_dir: Path, labels: list[str]) -> tuple[str, str]:
+        """timm's own folder layout: (weights file, config file) in ``out_dir``."""
+        from timm.models import save_for_hf
+
+        save_for_hf(model, out_dir, model_config={"label_names": labels}, safe_serialization=True)
+        return "model.safetensors", "config.json"
+
+    def _check_name(self, timm, name: str) -> None:
+        from timm.models import split_model_name_tag
+
+        base, tag = split_model_name_tag(name)
+        if not timm.is_model(base):
+            close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"unknown timm model {base!r}{hint}; see timm.list_models()")
+        if tag and name not in timm.list_pretrained(name):
+            tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{base}.*")]
+            raise ValueError(
+                f"timm has no pretrained config {tag!r} for {base}; its tags: "
+                f"{', '.join(tags) or 'none'}"
+            )
+
+    def _num_classes(self, timm, name: str, state: dict, weights) -> int:
+        from timm.models import get_pretrained_cfg_value
+
+        head = get_pretrained_cfg_value(name, "classifier") or "head"
+        head = head[0] if isinstance(head, tuple | list) else head
+        weight = state.get(f"{head}.weight")
+        if weight is None or weight.dim() < 2:
+            raise ValueError(
+                f"{weights} has no classifier weight {head}.weight, which timm's {name} has: "
+                f"are these weights for another model, or a model without a head?"
+            )
+        return int(weight.shape[0])
+
+    def _imagenet_labels(self, model: nn.Module) -> tuple[list[str] | None, str]:
+        """ImageNet class names shipped inside timm, when the head has ImageNet's size."""
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+        if subset is None:
+            return None, ""
+        info = ImageNetInfo(subset)
+        return (
+            [info.index_to_description(i) for i in range(model.num_classes)],
+            f"{subset} class names shipped with timm",
+        )
+
+
+def data_config_preprocessing(config: dict):
+    """timm's ``transforms_imagenet_eval`` for a data config, as a ``Preprocessing``."""
+    from timm.data import DEFAULT_CROP_PCT
+    from timm.data.transforms import str_to_interp_mode
+
+    from camserve.preprocess import Preprocessing
+
+    _, height, width = config["input_size"]
+    crop_pct = config.get("crop_pct") or DEFAULT_CROP_PCT
+    mode = config.get("crop_mode") or "center"
+    scale = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+    if mode not in ("center", "squash"):
+        raise ValueError(
+            f"timm's crop_mode {mode!r} (resize the longer side, then pad) is not supported; "
+            "camserve reproduces 'center' and 'squash'"
+        )
+    keep_ratio = mode == "center" and scale[0] != scale[1]
+    return Preprocessing(
+        input_size=(height, width),
+        # center: the shorter side (a square target) or timm's ResizeKeepRatio; squash: (H, W)
+        resize=scale[0] if mode == "center" and not keep_ratio else scale,
+        center_crop=(height, width),
+        mean=tuple(float(m) for m in config["mean"]),
+        std=tuple(float(s) for s in config["std"]),
+        interpolation=str_to_interp_mode(config["interpolation"]).value,
+        keep_ratio=keep_ratio,
+    )
+
+
+def mismatch_hint(model: nn.Module, state: dict, input_size: tuple[int, int] | None) -> None:
+    """Refuse position embeddings for another input size with the option that fixes it."""
+    from camserve.architectures import state_dict_mismatch
+
+    ours, theirs = model.state_dict().get("pos_embed"), state.get("pos_embed")
+    if ours is None or theirs is None or ours.shape == theirs.shape:
+        return
+    problem = state_dict_mismatch(model, state)
+    raise ValueError(
+        f"the weights' position embeddings have {theirs.shape[1]} tokens, the model built for "
+        f"{'--input-size ' + 'x'.join(map(str, input_size)) if input_size else 'its default size'}"
+        f" has {ours.shape[1]}: give the --input-size the weights were trained at ({problem})"
+    )
+
+
+def _label_list(names, count: int, directory: Path) -> list[str]:
+    if isinstance(names, dict):
+        names = {int(k): str(v) for k, v in names.items()}
+        if sorted(names) != list(range(len(names))):
+            raise ValueError(f"{directory}/config.json label_names skip class indices")
+        names = [names[i] for i in range(len(names))]
+    names = [str(n) for n in names]
+    if len(names) != count:
+        raise ValueError(
+            f"{directory}/config.json has {len(names)} label_names for {count} classes"
+        )
+    return names

@@ -1,0 +1,292 @@
+"""Hugging Face transformers: a folder that ``save_pretrained`` wrote, for any
+``AutoModelForImageClassification`` model whose last feature map reads as a grid.
+
+The served archive holds ``config.json`` and ``model.safetensors`` as ``save_pretrained``
+writes them; a worker loads them with ``from_pretrained(..., local_files_only=True)`` and no
+code from the folder (``trust_remote_code`` stays off). The model returns an
+``ImageClassifierOutput``; a forward hook on the model hands its ``.logits`` to every caller
+(Grad-CAM, Captum, the probe, calibration), and module names stay the library's own.
+
+Layers by family: ViT and DeiT at the last block's ``layernorm_before`` (after the last block
+only the class token reaches the head; DeiT puts a distillation token after it), Swin at its
+final ``layernorm`` (patch tokens, averaged into the head), convolutional families (ResNet,
+ConvNeXt, RegNet...) at their last convolutional feature map. Anything else is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from camserve.architectures import first_line
+from camserve.grid import NCHW, TOKENS, token_layout
+from camserve.sources import BuiltModel, FixedInput, Source
+
+# model_type -> tokens before the patch tokens, for families whose head reads the class token
+CLASS_TOKEN_FAMILIES = {"vit": 1, "vit_msn": 1, "deit": 2}
+# model_type of families whose final layernorm outputs (N, h*w, C) patch tokens
+PATCH_TOKEN_FAMILIES = ("swin", "swinv2")
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+# Image processor classes whose own resize rule camserve reproduces (crop_pct below 384 px).
+CROP_PCT_PROCESSORS = ("ConvNextImageProcessor", "ConvNextImageProcessorPil")
+# Methods an image processor may not override for camserve to reproduce it from its settings.
+# PIL's filter numbers -> the names camserve.preprocess (torchvision) gives them.
+PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+PIPELINE_METHODS = (
+    "preprocess", "_preprocess", "resize", "center_crop", "rescale", "normalize",
+    "rescale_and_normalize", "process_image", "pad",
+)  # fmt: skip
+
+
+class TransformersSource(Source):
+    name = "transformers"
+    package = "transformers"
+    extra = "transformers"
+    prefix = "transformers:"
+
+    # --- serving ---------------------------------------------------------------------------
+
+    def load(self, directory: Path, config, num_classes: int) -> nn.Module:
+        self.require(config.built_with)
+        class_name = config.architecture.removeprefix(self.prefix)
+        return logits_only(self._from_pretrained(class_name, directory))
+
+    def target_layer(self, model: nn.Module) -> str | None:
+        family = model.config.model_type
+        if family in CLASS_TOKEN_FAMILIES:
+            norms = [n for n, _ in model.named_modules() if n.endswith(".layernorm_before")]
+            return norms[-1] if norms else None
+        if family in PATCH_TOKEN_FAMILIES:
+            return f"{model.base_model_prefix}.layernorm"
+        return None
+
+    def layout(self, model: nn.Module, layer_name: str, shape: tuple[int, ...]) -> str | None:
+        family = model.config.model_type
+        if len(shape) == 3 and family in CLASS_TOKEN_FAMILIES:
+            return token_layout(CLASS_TOKEN_FAMILIES[family])
+        if len(shape) == 3 and family in PATCH_TOKEN_FAMILIES:
+            return TOKENS
+        return NCHW if len(shape) == 4 else None
+
+    def fixed_input(self, model: nn.Module) -> FixedInput | None:
+        config = model.config
+        if config.model_type not in CLASS_TOKEN_FAMILIES:
+            return None
+        size, patch = config.image_size, config.patch_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return FixedInput((int(size[0]), int(size[1])), int(patch))
+
+    # --- archiving -------------------------------------------------------------------------
+
+    def read_folder(self, directory: Path, config: dict) -> BuiltModel:
+        """A folder of ``save_pretrained``: the model, its labels, its image processor."""
+        self.require()
+        class_name = self._classifier_class(directory, config)
+        model = logits_only(self._from_pretrained(class_name, directory))
+        id2label = model.config.id2label or {}
+        labels = [str(id2label[i]) for i in sorted(id2label)] if id2label else None
+        return BuiltModel(
+            source=self,
+            architecture=f"{self.prefix}{class_name}",
+            model=model,
+            labels=labels,
+            labels_from="config.json id2label",
+            preprocessing=processor_preprocessing(directory),
+            problem_type=model.config.problem_type,
+        )
+
+    def save(self, model: nn.Module, out_dir: Path, labels: list[str]) -> tuple[str, str]:
+        """transformers' own layout: (weights file, config file) in ``out_dir``."""
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {label: i for i, label in enumerate(labels)}
+        with _quiet():
+            model.save_pretrained(out_dir, safe_serialization=True)
+        return WEIGHTS_FILE, CONFIG_FILE
+
+    def _classifier_class(self, directory: Path, config: dict) -> str:
+        import transformers
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+        )
+
+        if config.get("auto_map"):
+            raise ValueError(
+                f"{directory}/config.json needs code from the folder (auto_map): camserve does "
+                "not run a model folder's code (trust_remote_code stays off)"
+            )
+        known = {
+            name
+            for names in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values()
+            for name in ((names,) if isinstance(names, str) else names)
+        }
+        architectures = config.get("architectures") or []
+        classifiers = [a for a in architectures if a in known and hasattr(transformers, a)]
+        if not classifiers:
+            raise ValueError(
+                f"{directory}/config.json describes {', '.join(architectures) or 'no architecture'}"
+                f" (model_type {config.get('model_type')!r}), not an image classifier: camserve "
+                "serves AutoModelForImageClassification models (e.g. ViTForImageClassification)"
+            )
+        return classifiers[0]
+
+    def _from_pretrained(self, class_name: str, directory: Path) -> nn.Module:
+        """The model, strictly: every weight present, none left over, every shape equal."""
+        import transformers
+
+        model_class = getattr(transformers, class_name, None)
+        if not (inspect.isclass(model_class) and issubclass(model_class, nn.Module)):
+            raise ValueError(f"transformers {self.version()} has no model class {class_name}")
+        try:
+            with _quiet():
+                model, info = model_class.from_pretrained(
+                    directory,
+                    local_files_only=True,
+                    trust_remote_code=False,
+                    ignore_mismatched_sizes=True,  # reported below, as one line
+                    output_loading_info=True,
+                )
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"transformers cannot load {class_name} from {directory}: {first_line(err)}"
+            ) from None
+        problems = [
+            f"{len(info[key])} {what} (e.g. {_keys(info[key])})"
+            for key, what in (
+                ("missing_keys", "missing weights"),
+                ("unexpected_keys", "unexpected weights"),
+                ("mismatched_keys", "weights of another shape"),
+            )
+            if info.get(key)
+        ]
+        if problems:
+            raise ValueError(
+                f"the weights in {directory} do not match its config.json ({class_name}): "
+                + "; ".join(problems)
+            )
+        return model.eval()
+
+
+def logits_only(model: nn.Module) -> nn.Module:
+    """Make ``model(x)`` return the logits tensor instead of an ``ImageClassifierOutput``."""
+    if not getattr(model, "_camserve_logits_only", False):
+        model.register_forward_hook(_logits)
+        model._camserve_logits_only = True
+    return model
+
+
+def _logits(module: nn.Module, inputs: tuple, output) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output[0]
+
+
+def processor_preprocessing(directory: Path):
+    """The folder's image processor, as ``AutoImageProcessor`` loads it, as a
+    ``Preprocessing``; refused when the processor has steps of its own."""
+    from transformers import AutoImageProcessor
+    from transformers.image_processing_backends import PilBackend, TorchvisionBackend
+    from transformers.image_utils import pil_torch_interpolation_mapping
+
+    from camserve.preprocess import Preprocessing
+
+    if not (directory / "preprocessor_config.json").is_file():
+        raise FileNotFoundError(
+            f"{directory} has no preprocessor_config.json: save the image processor next to "
+            "the model (processor.save_pretrained(folder))"
+        )
+    try:
+        with _quiet():
+            processor = AutoImageProcessor.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"transformers cannot read {directory}/preprocessor_config.json: {first_line(err)}"
+        ) from None
+    kind = type(processor).__name__
+    backend = TorchvisionBackend if isinstance(processor, TorchvisionBackend) else PilBackend
+    own = [
+        m
+        for m in PIPELINE_METHODS
+        if getattr(type(processor), m, None) is not getattr(backend, m, None)
+        and not (kind in CROP_PCT_PROCESSORS and m in ("resize", "_preprocess"))
+    ]
+    if own or not isinstance(processor, TorchvisionBackend | PilBackend):
+        raise ValueError(
+            f"{kind} has preprocessing steps of its own ({', '.join(own) or 'another backend'}) "
+            "that camserve does not reproduce; it reproduces the processors that resize, "
+            "centre-crop, rescale and normalise (ViT, DeiT, BiT, CLIP, ConvNeXt...)"
+        )
+    if not processor.do_resize or getattr(processor, "do_pad", False):
+        raise ValueError(f"{kind}: camserve needs do_resize true and do_pad false")
+    size = processor.size
+    crop = (
+        (processor.crop_size.height, processor.crop_size.width)
+        if getattr(processor, "do_center_crop", False)
+        else None
+    )
+    if kind in CROP_PCT_PROCESSORS:
+        edge, crop_pct = size.shortest_edge, processor.crop_pct or 224 / 256
+        if edge < 384:  # ConvNeXt's rule: shorter side to edge / crop_pct, crop edge x edge
+            resize, crop = int(edge / crop_pct), (edge, edge)
+        else:  # at 384 and above it warps to edge x edge
+            resize = (edge, edge)
+    elif size.height and size.width:
+        resize = (size.height, size.width)
+    elif size.shortest_edge and not size.longest_edge and crop:
+        resize = size.shortest_edge
+    else:
+        raise ValueError(
+            f"{kind} resizes to {dict(size)} without a fixed output size: camserve needs "
+            "height and width, or a shortest edge with a centre crop"
+        )
+    resample = processor.resample
+    # Each backend's own reading of the PIL filter number (torchvision's: NEAREST_EXACT...).
+    mode = (
+        pil_torch_interpolation_mapping[resample].value
+        if backend is TorchvisionBackend
+        else (PIL_FILTERS[int(resample)])
+    )
+    mean = processor.image_mean if processor.do_normalize else 0.0
+    std = processor.image_std if processor.do_normalize else 1.0
+    return Preprocessing(
+        input_size=crop or resize,
+        resize=resize,
+        center_crop=crop,
+        mean=_three(mean),
+        std=_three(std),
+        interpolation=mode,
+        crop_offset="floor",
+        rescale_factor=float(processor.rescale_factor) if processor.do_rescale else 1.0,
+        backend="tensor" if backend is TorchvisionBackend else "pil",
+    )
+
+
+def _three(value) -> tuple[float, float, float]:
+    values = [float(value)] * 3 if isinstance(value, int | float) else [float(v) for v in value]
+    if len(values) != 3:
+        raise ValueError(f"expected 3 channel values (R G B), got {values}")
+    return tuple(values)
+
+
+def _keys(entries) -> str:
+    """A few state_dict keys of a loading report (mismatches come as (key, shapes) tuples)."""
+    names = sorted(entry[0] if isinstance(entry, tuple) else str(entry) for entry in entries)
+    return ", ".join(names[:3])
+
+
+@contextlib.contextmanager
+def _quiet():
+    """transformers' load reports and progress bars off: camserve says what went wrong."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
