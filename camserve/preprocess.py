@@ -66,6 +66,19 @@ class Preprocessing:
             raise ValueError("keep_ratio needs an (H, W) resize")
         if not self.rescale_factor > 0 or min(self.std) <= 0:
             raise ValueError("rescale_factor and std must be positive")
+        # Every image must come out at input_size, or batching breaks.
+        resize = self.resize if self.resize is not None else self.input_size
+        if self.center_crop is not None:
+            out = tuple(self.center_crop)
+        else:
+            out = None if isinstance(resize, int) or self.keep_ratio else tuple(resize)
+        if out != tuple(self.input_size):
+            gives = "images of varying size" if out is None else f"{out[0]}x{out[1]} images"
+            raise ValueError(
+                f"resize {resize} + center crop {self.center_crop or 'none'} gives {gives}, not "
+                f"the input size {self.input_size[0]}x{self.input_size[1]}: give an (H, W) "
+                "resize equal to the input size, or a center crop equal to it"
+            )
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """An RGB image -> the normalised (3, H, W) float32 network input."""

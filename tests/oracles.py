@@ -1,4 +1,5 @@
-"""Oracles shared by the test modules: the compensated network of docs/score.md#oracles."""
+"""Oracles shared by the test modules: the compensated network of docs/score.md#oracles, and
+Grad-CAM computed by hand from a layer's raw output."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from camserve.compensation import (
     relative_change,
 )
 from camserve.gradcam import GradCam
+from camserve.grid import GridLayer
 from camserve.zero_reference import (
     ChannelStatistics,
     ScoreSettings,
@@ -72,3 +74,35 @@ def oracle(
     )
     assert abs(float(real_tv) - reported.score) < 1e-4
     return reported
+
+
+def hand_grad_cam(model: nn.Module, layer: str, layout: str, x: Tensor, targets: Tensor) -> Tensor:
+    """Grad-CAM from the layer's raw output, rearranged by hand as pytorch-grad-cam's
+    reshape_transform does: an oracle that shares no code with camserve.grid.
+
+    ``layout``: nchw, nhwc, or a square grid of tokens after 0 (tokens), 1 (cls_tokens) or
+    K (prefixK_tokens) other tokens."""
+    raw = model.get_submodule(layer)
+    raw = raw.layer if isinstance(raw, GridLayer) else raw
+    seen = []
+    handle = raw.register_forward_hook(lambda m, i, output: seen.append(output))
+    try:
+        with torch.enable_grad():  # the model is frozen: differentiate through the input
+            logits = model(x.clone().requires_grad_(True))
+    finally:
+        handle.remove()
+    output = seen[-1]
+    (gradient,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), output)
+    if layout == "nhwc":
+        output, gradient = output.permute(0, 3, 1, 2), gradient.permute(0, 3, 1, 2)
+    elif layout != "nchw":
+        skip = {"tokens": 0, "cls_tokens": 1}.get(layout)
+        skip = int(layout.removeprefix("prefix").removesuffix("_tokens")) if skip is None else skip
+        side = int((output.shape[1] - skip) ** 0.5)
+
+        def grid(tokens):
+            return tokens[:, skip:].transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+
+        output, gradient = grid(output), grid(gradient)
+    alpha = gradient.mean(dim=(2, 3), keepdim=True)
+    return (alpha * output).sum(dim=1).clamp_min(0).detach()

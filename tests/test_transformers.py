@@ -27,7 +27,7 @@ from camserve.grid import CLS_TOKENS, NCHW, NHWC, GridLayer, attach_target, grid
 from camserve.layers import auto_target_layer, check_target_layer
 from camserve.tools.archive import make_preprocessing, write_model_dir
 from camserve.tools.cli import main as camserve
-from tests.oracles import oracle
+from tests.oracles import hand_grad_cam, oracle
 from tests.test_architectures import _one_thread  # noqa: F401 - autouse here too
 
 VIT_LAST = "encoder.layers.encoder_layer_11"
@@ -85,33 +85,6 @@ def test_auto_target_layer_and_layout(transformers, arch):
     model = transformers(arch)
     assert auto_target_layer(model, size(arch)) == layer
     assert check_target_layer(model, layer, size(arch)) == layout
-
-
-def hand_grad_cam(model: nn.Module, layer: str, layout: str, x: torch.Tensor, targets):
-    """Grad-CAM from the layer's raw output, rearranged by hand as pytorch-grad-cam's
-    reshape_transform does: an oracle that shares no code with camserve.grid."""
-    raw = model.get_submodule(layer)
-    raw = raw.layer if isinstance(raw, GridLayer) else raw
-    seen = []
-    handle = raw.register_forward_hook(lambda m, i, output: seen.append(output))
-    try:
-        with torch.enable_grad():  # the model is frozen: differentiate through the input
-            logits = model(x.clone().requires_grad_(True))
-    finally:
-        handle.remove()
-    output = seen[-1]
-    (gradient,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), output)
-    if layout == NHWC:
-        output, gradient = output.permute(0, 3, 1, 2), gradient.permute(0, 3, 1, 2)
-    elif layout == CLS_TOKENS:
-        side = int((output.shape[1] - 1) ** 0.5)
-
-        def grid(tokens):
-            return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
-
-        output, gradient = grid(output), grid(gradient)
-    alpha = gradient.mean(dim=(2, 3), keepdim=True)
-    return (alpha * output).sum(dim=1).clamp_min(0).detach()
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

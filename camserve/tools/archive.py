@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from PIL import Image
 
 import camserve
 from camserve.architectures import (
@@ -187,24 +186,14 @@ def make_preprocessing(
         resize = _pair(resize, "resize")
     elif int(resize) < 1:
         raise ValueError(f"resize must be positive, got {resize}")
-    preprocessing = Preprocessing(
+    # Preprocessing refuses sizes that would not give input_size images.
+    return Preprocessing(
         input_size=size,
         resize=resize,
         center_crop=crop_size,
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
     )
-    # A wide and a tall image must both come out at input_size, or batching breaks.
-    for probe in ((97, 61), (61, 97)):
-        got = tuple(preprocessing(Image.new("RGB", probe)).shape[-2:])
-        if got != size:
-            raise ValueError(
-                f"resize {resize} + center crop {crop_size or 'none'} gives "
-                f"{got[0]}x{got[1]} images from a {probe[0]}x{probe[1]} one, not the input "
-                f"size {size[0]}x{size[1]}: give an (H, W) resize equal to the input size, "
-                "or a center crop equal to it"
-            )
-    return preprocessing
 
 
 def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
