@@ -4,6 +4,7 @@ image at batch 1 (random weights, 224x224, 2 threads), next to a plain forward.
     python -m bench.architectures                      # all supported architectures
     python -m bench.architectures --arch resnet50 vgg16 --repeats 5
     python -m bench.architectures --arch swin_t vit_b_16 --compare-grad-cam swin_t vit_b_16
+    python -m bench.architectures --arch timm:resnet50 timm:convnext_tiny transformers:vit-base
     python -m bench.architectures --arch vit_b_16 --profile vit_b_16   # where the time goes
 
 Writes bench/results/<date>-architectures.json with the machine description and the command.
@@ -31,23 +32,54 @@ from bench.run import RESULTS, machine
 from bench.timing import interleaved
 from camserve.explainer import Explainer, ExplainerConfig
 from camserve.grid import GridLayer
+from camserve.preprocess import Preprocessing
 from camserve.tools.archive import make_preprocessing
 
+HF_VIT = "transformers:vit-base"
 ARCHITECTURES = (
     "resnet18", "resnet34", "resnet50", "resnet101", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn",
     "densenet121", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
     "efficientnet_b0", "convnext_tiny", "regnet_y_400mf",
     "swin_t", "swin_s", "swin_v2_t", "vit_b_16", "vit_b_32", "maxvit_t",
+    "timm:resnet50", "timm:convnext_tiny", HF_VIT,
 )  # fmt: skip
 
 
 def random_model(arch: str) -> nn.Module:
+    """torchvision's model by name, timm's (``timm:NAME``), or transformers' ViT-B/16 at 224
+    (``transformers:vit-base``, the architecture of google/vit-base-patch16-224)."""
     torch.manual_seed(0)
+    if arch.startswith("timm:"):
+        import timm
+
+        return timm.create_model(arch.removeprefix("timm:"), pretrained=False).eval()
+    if arch == HF_VIT:
+        import transformers
+
+        from camserve.sources.transformers import logits_only
+
+        config = transformers.ViTConfig(num_labels=1000)  # ViT-B/16, 224x224
+        return logits_only(transformers.ViTForImageClassification(config).eval())
     model = torchvision.models.get_model(arch, weights=None).eval()
     if hasattr(model, "heads"):
         # torchvision initialises ViT's head to zero, which leaves nothing to explain.
         nn.init.normal_(model.heads.head.weight, std=0.02)
     return model
+
+
+def preprocessing_for(arch: str, model: nn.Module, size: int) -> Preprocessing:
+    """The library's own pipeline: timm's data config, transformers' ViT image processor,
+    torchvision's evaluation pipeline."""
+    if arch.startswith("timm:"):
+        from camserve.sources.timm import TimmSource
+
+        return TimmSource().preprocessing(model)
+    if arch == HF_VIT:
+        return Preprocessing(
+            input_size=(size, size), resize=(size, size), mean=(0.5,) * 3, std=(0.5,) * 3,
+            crop_offset="floor", backend="tensor",
+        )  # fmt: skip
+    return make_preprocessing(size)
 
 
 def measure(
@@ -58,7 +90,7 @@ def measure(
         architecture=arch,
         weights="random",
         target_layer=None,  # the automatic choice, as camserve archive makes it
-        preprocessing=make_preprocessing(size),
+        preprocessing=preprocessing_for(arch, model, size),
     )
     started = time.perf_counter()
     explainer = Explainer(model, [str(i) for i in range(1000)], config)

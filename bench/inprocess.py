@@ -181,8 +181,9 @@ def photo_jpeg(width: int = 4000, height: int = 3000) -> bytes:
 
 
 def decode_speed(repeats: int = 7) -> dict:
-    """Decode + preprocess of a 12 MP JPEG for a 224 network: full decode vs reduced-scale
-    JPEG decoding (``min_side``), which camserve's prepare() uses."""
+    """Decode + preprocess of a 12 MP JPEG for a 224 network: full decode (what camserve's
+    prepare() does) vs reduced-scale JPEG decoding (``min_side``, which it no longer uses:
+    bench/jpeg_draft.py measures how far that moves the answer)."""
     from camserve.decode import decode_image
 
     data = photo_jpeg()

@@ -357,7 +357,7 @@ BAD_INPUTS = {
     "transformers weights that do not match config.json": (
         _mismatched_transformers_folder, "do not match its config.json"),
     "timm weights that do not match config.json": (
-        _mismatched_timm_folder, r"keys with other shapes \(e.g. fc.weight"),
+        _mismatched_timm_folder, r"in .*r18 do not match its config.json .*fc.weight \(3, 512\)"),
     "config.json of a backbone, not an image classifier": (
         _not_an_image_classifier, "ViTModel .*not an image classifier"),
     "a timm name that does not exist": (
@@ -366,7 +366,7 @@ BAD_INPUTS = {
         _checkpoint_without_state_dict, "checkpoint without a state_dict"),
     "a config.json in neither layout": (_neither_layout, "neither Hub layout"),
     "preprocessing options with a folder": (
-        _preprocessing_options_with_a_folder, "--resize do not apply to --pretrained"),
+        _preprocessing_options_with_a_folder, "folder's own config decides that: drop --resize"),
 }  # fmt: skip
 
 

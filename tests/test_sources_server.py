@@ -110,9 +110,11 @@ def test_served_answer_equals_the_library_pipeline_and_captum(served, name):
         assert explained == int(probabilities.argmax())
 
         tap = explainer.model.get_submodule(explainer.gradcam.layer_name)
-        captum = LayerGradCam(explainer.model, tap).attribute(
-            x, target=explained, relu_attributions=True
-        )[0, 0].detach()
+        captum = (
+            LayerGradCam(explainer.model, tap)
+            .attribute(x, target=explained, relu_attributions=True)[0, 0]
+            .detach()
+        )
         expected_map = captum / captum.max().clamp_min(1e-30)
         served_map = torch.tensor(body["grad_cam"]["map"], dtype=torch.float32)
         assert served_map.shape == expected_map.shape

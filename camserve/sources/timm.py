@@ -114,7 +114,12 @@ class TimmSource(Source):
 
     def read_folder(self, directory: Path, config: dict) -> BuiltModel:
         """A folder written by ``timm.models.save_for_hf`` (or downloaded from the Hub)."""
-        from camserve.architectures import first_line, load_weights, read_state_dict
+        from camserve.architectures import (
+            first_line,
+            load_weights,
+            read_state_dict,
+            state_dict_mismatch,
+        )
 
         timm = self.require()
         name = config.get("architecture")
@@ -140,7 +145,13 @@ class TimmSource(Source):
             raise FileNotFoundError(
                 f"{directory} holds no weights ({', '.join(WEIGHT_FILES)}) next to config.json"
             )
-        load_weights(model, read_state_dict(weights))
+        state = read_state_dict(weights)
+        problem = state_dict_mismatch(model, state)
+        if problem:
+            raise ValueError(
+                f"the weights in {directory} do not match its config.json ({name}): {problem}"
+            )
+        load_weights(model, state)
         names = model.pretrained_cfg.get("label_names")
         if names:
             labels, labels_from = _label_list(names, model.num_classes, directory), "config.json"

@@ -46,8 +46,8 @@ def _archive(args: argparse.Namespace) -> int:
     if timm or args.pretrained is not None:
         refused = [f"--{k.replace('_', '-')}" for k in sorted(decided) if getattr(args, k)]
         if refused:
-            source = "a timm model" if timm else "--pretrained"
-            raise ValueError(f"{', '.join(refused)} do not apply to {source}: its config decides")
+            source = "a timm model's" if timm else "a --pretrained folder's"
+            raise ValueError(f"{source} own config decides that: drop {', '.join(refused)}")
     model: dict = {
         "labels": args.labels,
         "target_layer": args.target_layer,
@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     archive.add_argument(
         "--target-layout",
         help="how the target layer's output holds its grid, for a model whose family camserve "
-        "does not know: nchw, nhwc, tokens (N, h*w, C) or cls_tokens (N, 1 + h*w, C)",
+        "does not know: nchw, nhwc, tokens (N, h*w, C), cls_tokens (N, 1 + h*w, C) or "
+        "prefixK_tokens (N, K + h*w, C)",
     )  # fmt: skip
     archive.add_argument("--input-size", help="network input, 224 or HxW (default 224)")
     archive.add_argument("--resize", help="shorter side (256) or HxW (default input*256/224)")
