@@ -79,7 +79,19 @@ def test_the_wheel_holds_core_tools_handler_and_config_but_not_the_harness(wheel
     assert "camserve/config/metrics.yaml" in names
     assert "camserve/config/kserve/config.properties" in names
     assert "camserve/schema/response.schema.json" in names
+    assert "camserve/sources/timm.py" in names and "camserve/sources/transformers.py" in names
     assert not [n for n in names if n.startswith(("harness/", "tests/", "bench/"))]
+    # camserve alone installs neither timm nor transformers: they are extras.
+    [metadata] = [n for n in names if n.endswith(".dist-info/METADATA")]
+    requires = [
+        line.removeprefix("Requires-Dist: ")
+        for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist: ")
+    ]
+    for package, extra in (("timm", "timm"), ("transformers", "transformers")):
+        [pin] = [r for r in requires if r.startswith(f"{package}==")]
+        assert f'extra == "{extra}"' in pin, pin
+    assert any(r.startswith("safetensors==") and "extra" not in r for r in requires)
 
 
 def test_archive_and_calibrate_from_another_directory_then_serve(fresh_venv, tmp_path):

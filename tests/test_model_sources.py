@@ -52,20 +52,12 @@ from tests.library_models import (
     timm_model,
 )
 from tests.oracles import hand_grad_cam, oracle
+from tests.test_architectures import _one_thread  # noqa: F401 - autouse here too
 
 # Probabilities and peak-normalised maps against the library's own pipeline: float32
 # rounding of a tiny network, the same image in and the same weights.
 ANSWER_TOLERANCE = 1e-5
 CASES = [f"timm:{name}" for name in TIMM] + [f"transformers:{family}" for family in TRANSFORMERS]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """64x64 inputs gain nothing from a second thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def expected(case: str):

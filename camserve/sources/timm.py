@@ -101,16 +101,7 @@ class TimmSource(Source):
         mismatch_hint(model, state, input_size)
         load_weights(model, state)
         notes = [f"weights: {key} of the checkpoint"] if key else []
-        labels, labels_from = self._imagenet_labels(model)
-        return BuiltModel(
-            source=self,
-            architecture=f"{self.prefix}{name}",
-            model=model.eval(),
-            labels=labels,
-            labels_from=labels_from,
-            preprocessing=self.preprocessing(model),
-            notes=notes,
-        )
+        return self._built(name, model, *self._imagenet_labels(model), notes)
 
     def read_folder(self, directory: Path, config: dict) -> BuiltModel:
         """A folder written by ``timm.models.save_for_hf`` (or downloaded from the Hub)."""
@@ -154,9 +145,12 @@ class TimmSource(Source):
         load_weights(model, state)
         names = model.pretrained_cfg.get("label_names")
         if names:
-            labels, labels_from = _label_list(names, model.num_classes, directory), "config.json"
+            labels = _label_list(names, model.num_classes, directory), "config.json"
         else:
-            labels, labels_from = self._imagenet_labels(model)
+            labels = self._imagenet_labels(model)
+        return self._built(name, model, *labels)
+
+    def _built(self, name: str, model: nn.Module, labels, labels_from: str, notes=()) -> BuiltModel:
         return BuiltModel(
             source=self,
             architecture=f"{self.prefix}{name}",
@@ -164,6 +158,7 @@ class TimmSource(Source):
             labels=labels,
             labels_from=labels_from,
             preprocessing=self.preprocessing(model),
+            notes=list(notes),
         )
 
     def preprocessing(self, model: nn.Module):
