@@ -4,8 +4,9 @@ Grad-CAM, the compensation probe, the calibration statistics and the score all n
 target layer's activations as (N, C, h, w), with the channels on dimension 1. Convolutional
 networks give that directly. Swin's stages and final ``norm`` give channels last,
 (N, h, w, C); ViT's encoder gives a token sequence, (N, 1 + h*w, C), whose first token is
-the class token. Taking dimension 1 as the channels there would explain rows (Swin) or
-tokens (ViT) instead: a confident, meaningless map.
+the class token (DeiT has two tokens before the patches, Hugging Face's Swin none). Taking
+dimension 1 as the channels there would explain rows (Swin) or tokens (ViT) instead: a
+confident, meaningless map.
 
 So the layout is either known from the model family, given explicitly (``--target-layout``),
 or the layer is refused: never guessed. A non-grid layer is wrapped, after its weights are
@@ -253,8 +254,8 @@ def check_gradient_reaches_grid(model: nn.Module, tap: str, input_size: tuple[in
         raise ValueError(
             f"the explained logit has zero gradient at every position of {tap!r}: nothing "
             "of this layer's grid reaches the head (after a ViT's last block only the class "
-            "token does). Pick an earlier layer, e.g. the last block's first LayerNorm (ln_1, "
-            "norm1, layernorm_before)"
+            "token does). Pick an earlier layer with --target-layer (and its --target-layout), "
+            "e.g. the last block's first LayerNorm (ln_1, norm1, layernorm_before)"
         )
 
 
