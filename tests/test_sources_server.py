@@ -1,5 +1,6 @@
 """Integration: a real TorchServe serving a timm archive and a transformers archive, built by
-the commands a user runs (``--arch timm:NAME --weights FILE``, ``--pretrained DIR``).
+the three commands a user runs: ``camserve archive`` (``--arch timm:NAME --weights FILE``,
+``--pretrained DIR``), ``camserve calibrate``, then serve.
 
 Each answer to a posted JPEG is checked against the library's own pipeline (its decode and
 preprocessing of the photo, its model) and against Captum's LayerGradCam on that input.
@@ -55,6 +56,14 @@ def served(tmp_path_factory):
         ["--pretrained", str(folder), "--name", "hf_vit"],
     ):  # fmt: skip
         assert camserve(["archive", *args, "--export-path", str(store)]) == 0
+    images = work / "calibration"
+    images.mkdir()
+    for i, image in enumerate(photos().values()):
+        image.save(images / f"{i}.png")
+    for name in ("timm_r18", "hf_vit"):
+        assert camserve(["calibrate", str(store / f"{name}.mar"), str(images), "--name", name,
+                         "--export-path", str(work / "calibrated")]) == 0  # fmt: skip
+    store = work / "calibrated"
 
     timm_transform = create_transform(**resolve_data_config({}, model=model))
     hf_model = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
@@ -120,3 +129,4 @@ def test_served_answer_equals_the_library_pipeline_and_captum(served, name):
         assert served_map.shape == expected_map.shape
         assert float((served_map - expected_map).abs().max()) <= MAP_TOLERANCE
         assert body["target_layer"] == explainer.config.target_layer
+        assert body["zero_reference"]["reference"] == "calibration_mean"
