@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from camserve.encode_png import images_json
+from camserve.encode_png import background_of, images_json
 from camserve.explainer import ClassExplanation, Explanation
 from camserve.maps import peak_normalised
 
@@ -46,12 +46,17 @@ def explanation_json(explanation: Explanation) -> dict:
         "grad_cam": _map_json(explained),
         "zero_reference": _zero_reference_json(explained),
     }
+    # Every explained class gets its pictures, drawn on one background.
+    background = background_of(explanation) if explanation.image.options.images else None
     if explanation.more:
         body["more_explanations"] = [
             _class_json(other, model.labels, probabilities) for other in explanation.more
         ]
-    if explanation.image.options.images:
-        body["images"] = images_json(explanation)
+        if background is not None:
+            for entry, other in zip(body["more_explanations"], explanation.more, strict=True):
+                entry["images"] = images_json(explanation, other, background)
+    if background is not None:
+        body["images"] = images_json(explanation, background=background)
     return body
 
 

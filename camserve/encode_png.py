@@ -19,7 +19,7 @@ from matplotlib import colormaps
 from PIL import Image
 from torch import Tensor
 
-from camserve.explainer import Explanation
+from camserve.explainer import ClassExplanation, Explanation
 from camserve.maps import peak_normalised
 
 DEFAULT_COLORMAP = "inferno"
@@ -90,12 +90,17 @@ def background_of(explanation: Explanation) -> Image.Image:
 
 
 def render_images(
-    explanation: Explanation, colormap: str = DEFAULT_COLORMAP
+    explanation: Explanation,
+    colormap: str = DEFAULT_COLORMAP,
+    explained: ClassExplanation | None = None,
+    background: Image.Image | None = None,
 ) -> dict[str, Image.Image]:
-    """The four pictures of the response's ``images`` block, as PIL images."""
-    background = background_of(explanation)
+    """The four pictures of an ``images`` block, as PIL images: of ``explained`` (default: the
+    explained class; a ``more_explanations`` class otherwise) over ``background`` (default:
+    the image as the network saw it; pass it to draw several classes on one)."""
+    background = background_of(explanation) if background is None else background
     size = (background.height, background.width)
-    explained = explanation.explained
+    explained = explanation.explained if explained is None else explained
     return {
         "heatmap_png": heatmap_image(explained.grad_cam, size),
         "overlay_png": overlay_image(explained.grad_cam, background, colormap),
@@ -104,11 +109,17 @@ def render_images(
     }
 
 
-def images_json(explanation: Explanation) -> dict[str, str]:
-    """The ``images`` block: each picture as a base64 PNG."""
+def images_json(
+    explanation: Explanation,
+    explained: ClassExplanation | None = None,
+    background: Image.Image | None = None,
+) -> dict[str, str]:
+    """An ``images`` block (of ``explained``, default the explained class): base64 PNGs."""
     return {
         key: base64.b64encode(encode_png(image)).decode("ascii")
-        for key, image in render_images(explanation).items()
+        for key, image in render_images(
+            explanation, explained=explained, background=background
+        ).items()
     }
 
 

@@ -360,7 +360,7 @@ class CountingClient(Client):
         # Every `concurrency` calls meet here, so the peak is reached if the pool allows it.
         self.barrier = threading.Barrier(concurrency, timeout=20)
 
-    def explain(self, image: bytes, target=None, images=True) -> dict:
+    def explain(self, image: bytes, target=None, images=True, maps=None) -> dict:
         with self.lock:
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)

@@ -37,12 +37,12 @@ from camserve.explainer import Explainer
 from camserve.preprocess import Preprocessing
 from camserve.telemetry import ScoreBaseline
 from camserve.tools.archive import MODEL_CONFIG, build_archive
+from camserve.tools.client import image_files
 from camserve.zero_reference import ChannelStatistics
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.pt"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 class RunningChannelStatistics:
@@ -111,20 +111,6 @@ def activation_statistics(
     finally:
         handle.remove()
     return running.result().to("cpu")
-
-
-def image_files(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, sorted), by suffix."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"calibration image folder {folder} does not exist")
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-    if not files:
-        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-        raise ValueError(f"no images ({suffixes}) found under {folder}")
-    return files
 
 
 def read_images(

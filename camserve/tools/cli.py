@@ -6,6 +6,7 @@ camserve archive --arch timm:convnext_tiny --weights model.safetensors --labels 
 camserve archive --pretrained ./my-vit    # a save_pretrained or save_for_hf folder
 camserve calibrate model_store/resnet50.mar ./images
 camserve predict examples/*.png --out .run/overlays   # table + overlay PNGs
+camserve report examples/ --out .run/report              # a page: .run/report/index.html
 """
 
 from __future__ import annotations
@@ -151,29 +152,40 @@ def _kserve_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict(args: argparse.Namespace) -> int:
-    """Explain images on a running server: a table on stdout, overlays in --out.
-
-    Exit code 0: every image answered; 1: some images failed (their rows say why); 2: the
-    run stopped (no server, no token, no such model) or could not start."""
+def _progress(total: int):
+    """A tqdm bar on stderr for runs of PROGRESS_MIN_IMAGES images or more, else None."""
+    if total < PROGRESS_MIN_IMAGES:
+        return None
     from tqdm import tqdm
-
-    from camserve.tools.client import (
-        DEFAULT_MAX_REQUEST_SIZE,
-        Client,
-        ClientError,
-        RunStopped,
-        find_token,
-        format_table,
-        max_request_size_from_config,
-        predict_files,
-    )
-
-    paths = [Path(p) for p in args.images]
 
     def progress(results):
         # disable=None: a bar on a terminal only, never in pipes or logs.
-        return tqdm(results, total=len(paths), unit="image", file=sys.stderr, disable=None)
+        return tqdm(results, total=total, unit="image", file=sys.stderr, disable=None)
+
+    return progress
+
+
+def _input_files(images: list[Path]) -> list[Path]:
+    """The files given, with each folder replaced by the images under it (sorted)."""
+    files = []
+    for path in images:
+        if path.is_dir():
+            from camserve.tools.client import image_files
+
+            files += image_files(path)
+        else:
+            files.append(path)
+    return files
+
+
+def _client(args: argparse.Namespace):
+    """The client the options of ``predict`` and ``report`` describe."""
+    from camserve.tools.client import (
+        DEFAULT_MAX_REQUEST_SIZE,
+        Client,
+        find_token,
+        max_request_size_from_config,
+    )
 
     limit = args.max_request_size
     if limit is None:
@@ -184,13 +196,25 @@ def _predict(args: argparse.Namespace) -> int:
         )
     if limit <= 0:
         raise ValueError(f"the max_request_size must be a positive number of bytes, got {limit}")
+    token = find_token(None, args.key_file)
+    return Client(
+        args.url, args.model, token, args.timeout, max_request_size=limit, protocol=args.protocol
+    )
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """Explain images on a running server: a table on stdout, overlays in --out.
+
+    Exit code 0: every image answered; 1: some images failed (their rows say why); 2: the
+    run stopped (no server, no token, no such model) or could not start."""
+    from camserve.tools.client import ClientError, RunStopped, format_table, predict_files
+
+    paths = _input_files(args.images)
     try:
-        token = find_token(None, args.key_file)
-        client = Client(args.url, args.model, token, args.timeout, max_request_size=limit)
+        client = _client(args)
         outcomes = predict_files(
-            client, paths, args.out, args.target, args.concurrency,
-            progress if len(paths) >= PROGRESS_MIN_IMAGES else None,
-        )  # fmt: skip
+            client, paths, args.out, args.target, args.concurrency, _progress(len(paths))
+        )
     except RunStopped as err:
         # The rows already answered are printed; the images not sent are listed as such.
         if any(not o.stopped for o in err.outcomes):
@@ -212,6 +236,78 @@ def _predict(args: argparse.Namespace) -> int:
     if failed:
         print(f"camserve predict: {failed} of {len(outcomes)} image(s) failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Explain images on a running server and write a page to review them: --out/index.html.
+
+    Exit codes as ``predict``; a run that stops early still writes its page."""
+    from camserve.tools.client import ClientError
+    from camserve.tools.report import run_report
+
+    if args.maps is not None and args.maps < 1:
+        raise ValueError(f"--maps must be at least 1, got {args.maps}")
+    paths = _input_files(args.images)
+    try:
+        client = _client(args)
+        report = run_report(
+            client, paths, args.out, args.target, args.maps, args.concurrency,
+            _progress(len(paths)),
+        )  # fmt: skip
+    except ClientError as err:
+        print(f"camserve report: error: {err}", file=sys.stderr)
+        return 2
+    cards = sum(len(e.cards) for e in report.entries)
+    print(
+        f"wrote {report.page}: {len(paths)} image(s), {cards} explanation(s), "
+        f"{report.failed} failed"
+    )
+    if report.stopped is not None:
+        unsent = sum(1 for o in report.outcomes if o.stopped)
+        print(
+            f"camserve report: error: {report.stopped} ({unsent} of {len(paths)} image(s) "
+            "not sent)",
+            file=sys.stderr,
+        )
+        return 2
+    if report.failed:
+        print(f"camserve report: {report.failed} of {len(paths)} image(s) failed", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    """The options ``predict`` and ``report`` share: where the server is and how to ask it."""
+    from camserve.tools.client import DEFAULT_KEY_FILE, DEFAULT_URL, PROTOCOLS
+
+    parser.add_argument(
+        "images", nargs="+", type=Path, metavar="IMAGE", help="image files, or folders of them"
+    )
+    parser.add_argument("--url", default=DEFAULT_URL, help="the server's inference address")
+    parser.add_argument("--model", default="shapes")
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=PROTOCOLS[0],
+        help="TorchServe's /predictions API (default), or a KServe v1/v2 endpoint",
+    )
+    parser.add_argument("--target", help="class label or index to explain (default: top-1)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (1-32)")
+    parser.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE)
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--max-request-size",
+        type=int,
+        metavar="BYTES",
+        help="the server's max_request_size: larger requests are refused before sending "
+        "(default: --server-config's, else 10485760 as in camserve's configs)",
+    )
+    size.add_argument(
+        "--server-config",
+        type=Path,
+        metavar="PROPERTIES",
+        help="the server's config.properties, read for max_request_size",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle.add_argument("--out", type=Path, default=Path("kserve-bundle"))
     bundle.set_defaults(run=_kserve_bundle)
 
-    from camserve.tools.client import DEFAULT_KEY_FILE, DEFAULT_URL, TOKEN_ENV
+    from camserve.tools.client import TOKEN_ENV
 
     predict = commands.add_parser(
         "predict",
@@ -299,29 +395,25 @@ def main(argv: list[str] | None = None) -> int:
         description=f"Post images, print file/label/probability/score/stable, save overlays. "
         f"The token comes from ${TOKEN_ENV}, else from --key-file.",
     )
-    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    predict.add_argument("--url", default=DEFAULT_URL, help="TorchServe inference address")
-    predict.add_argument("--model", default="shapes")
+    _client_options(predict)
     predict.add_argument("--out", type=Path, help="write <name>.overlay.png and .shifted.png here")
-    predict.add_argument("--target", help="class label or index to explain (default: top-1)")
-    predict.add_argument("--concurrency", type=int, default=4, help="requests in flight (1-32)")
-    predict.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE)
-    predict.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    size = predict.add_mutually_exclusive_group()
-    size.add_argument(
-        "--max-request-size",
-        type=int,
-        metavar="BYTES",
-        help="the server's max_request_size: larger requests are refused before sending "
-        "(default: --server-config's, else 10485760 as in camserve's configs)",
-    )
-    size.add_argument(
-        "--server-config",
-        type=Path,
-        metavar="PROPERTIES",
-        help="the server's config.properties, read for max_request_size",
-    )
     predict.set_defaults(run=_predict)
+
+    report = commands.add_parser(
+        "report",
+        help="explain images on a running server and write a page to review them",
+        description=f"Post images as predict does and write OUT/index.html: a summary and "
+        f"one card per image and explained class, least stable first. The token comes from "
+        f"${TOKEN_ENV}, else from --key-file.",
+    )
+    _client_options(report)
+    report.add_argument("--out", type=Path, required=True, help="the report's folder")
+    report.add_argument(
+        "--maps",
+        type=int,
+        help="explain this many classes of each image (1-5; default: the server's, 1)",
+    )
+    report.set_defaults(run=_report)
 
     args = parser.parse_args(argv)
     from camserve.sources import MissingExtra

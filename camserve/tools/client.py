@@ -3,10 +3,12 @@
     camserve predict examples/*.png --out overlays/
 
 HTTP with ``requests``; bounded concurrency with a thread pool, since the work is waiting on
-the server. Each image goes as a multipart form, its bytes as they are (no base64), so a file
-fits up to the server's ``max_request_size`` less a few hundred bytes of form; a larger one is
-refused here, before it is sent. The token comes from the ``CAMSERVE_TOKEN`` environment
-variable, else TorchServe's ``key_file.json``.
+the server. With TorchServe's inference API (``protocol="torchserve"``) each image goes as a
+multipart form, its bytes as they are (no base64), so a file fits up to the server's
+``max_request_size`` less a few hundred bytes of form; through a KServe endpoint
+(``kserve-v1``, ``kserve-v2``) it goes base64 in a JSON body, a third larger. A request over
+the limit is refused here, before it is sent. The token comes from the ``CAMSERVE_TOKEN``
+environment variable, else TorchServe's ``key_file.json``.
 
 A failure of one image (too large, refused, reset, timed out, a 5xx) is that image's row and
 the run goes on. Only what every image would meet (no server, no token, no such model) stops
@@ -37,6 +39,12 @@ MAX_CONCURRENCY = 32
 DEFAULT_MAX_REQUEST_SIZE = 10 * 1024 * 1024
 # TorchServe's own default when a config.properties does not set max_request_size.
 TORCHSERVE_MAX_REQUEST_SIZE = 6553500
+# How the request is framed: TorchServe's /predictions, or the body KServe's TorchServe
+# runtime forwards (docs/deployment.md), which camserve reads itself.
+PROTOCOLS = ("torchserve", "kserve-v1", "kserve-v2")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# The name of the v2 output that carries an answer, and of the one that carries a refusal.
+KSERVE_ANSWER, KSERVE_ERROR = "explanation", "error"
 
 
 class ClientError(Exception):
@@ -77,6 +85,20 @@ class Outcome:
         return self.body is not None
 
 
+def image_files(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted), by suffix."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise ValueError(f"no images ({suffixes}) found under {folder}")
+    return files
+
+
 def find_token(
     token: str | None = None,
     key_file: str | Path | None = DEFAULT_KEY_FILE,
@@ -110,7 +132,8 @@ def max_request_size_from_config(path: str | Path) -> int:
 
 
 class Client:
-    """Posts images to ``<url>/predictions/<model>`` as a multipart form.
+    """Posts images to a camserve server: ``<url>/predictions/<model>`` as a multipart form
+    (``protocol="torchserve"``), or a KServe v1/v2 JSON body (``kserve-v1``, ``kserve-v2``).
 
     ``max_request_size``: the server's limit on a request body, in bytes; a larger request
     is refused here, before it is sent (``None``: no check).
@@ -119,18 +142,26 @@ class Client:
     def __init__(
         self, url: str = DEFAULT_URL, model: str = "shapes", token: str | None = None,
         timeout: float = 60.0, max_request_size: int | None = DEFAULT_MAX_REQUEST_SIZE,
+        protocol: str = "torchserve",
     ) -> None:  # fmt: skip
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
         self.url = url.rstrip("/")
         self.model = model
         self.token = token
         self.timeout = timeout
         self.max_request_size = max_request_size
+        self.protocol = protocol
         self._local = threading.local()  # one connection pool per thread
 
-    def request_size(self, file_size: int, target: str | None = None, images: bool = True) -> int:
+    def request_size(
+        self, file_size: int, target: str | None = None, images: bool = True,
+        maps: int | None = None,
+    ) -> int:  # fmt: skip
         """The body size of a request carrying a file of ``file_size`` bytes, without reading
-        the file (the form around it has the same length whatever the file holds)."""
-        return len(self._prepare(b"", target, images).body) + file_size
+        the file (the frame around it has the same length whatever the file holds)."""
+        framed = file_size if self.protocol == "torchserve" else 4 * -(-file_size // 3)
+        return len(self._prepare(b"", target, images, maps).body) + framed
 
     def check_size(self, request_size: int) -> None:
         """Raise ``ImageError`` for a request over ``max_request_size``: the server would
@@ -141,10 +172,14 @@ class Client:
                 f"max_request_size of {self.max_request_size} bytes"
             )
 
-    def explain(self, image: bytes, target: str | None = None, images: bool = True) -> dict:
-        """One explained prediction. Raises ``ImageError`` for this image's failure and
-        ``ClientError`` for one that every image would meet."""
-        request = self._prepare(image, target, images)
+    def explain(
+        self, image: bytes, target: str | None = None, images: bool = True,
+        maps: int | None = None,
+    ) -> dict:  # fmt: skip
+        """One explained prediction (camserve's answer, whatever the protocol). Raises
+        ``ImageError`` for this image's failure and ``ClientError`` for one that every image
+        would meet."""
+        request = self._prepare(image, target, images, maps)
         size = len(request.body)
         self.check_size(size)
         session = getattr(self._local, "session", None)
@@ -168,22 +203,76 @@ class Client:
             ) from None
         if response.ok:
             try:
-                return response.json()
+                body = response.json()
             except ValueError:
                 raise ImageError(f"HTTP {response.status_code}: the answer is not JSON") from None
+            return body if self.protocol == "torchserve" else self._unwrap(body)
         raise self._classify(response, size)
 
-    def _prepare(self, image: bytes, target: str | None, images: bool):
-        fields = {"images": "true" if images else "false"}
+    def _prepare(self, image: bytes, target: str | None, images: bool, maps: int | None = None):
+        options: dict = {"images": images}
         if target is not None:
-            fields["target"] = str(target)
+            options["target"] = str(target)
+        if maps is not None:
+            options["maps"] = int(maps)
+        if self.protocol == "torchserve":
+            fields = {
+                k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()
+            }
+            return requests.Request(
+                "POST",
+                f"{self.url}/predictions/{self.model}",
+                files={"data": ("image", image, "application/octet-stream")},
+                data=fields,
+                headers=self._auth(),
+            ).prepare()
+        encoded = base64.b64encode(image).decode("ascii")
+        if self.protocol == "kserve-v1":
+            path, body = (
+                f"/v1/models/{self.model}:predict",
+                {"instances": [{"image": encoded, **options}]},
+            )
+        else:
+            tensor = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [encoded]}
+            path, body = (
+                f"/v2/models/{self.model}/infer",
+                {"inputs": [tensor], "parameters": options},
+            )
         return requests.Request(
             "POST",
-            f"{self.url}/predictions/{self.model}",
-            files={"data": ("image", image, "application/octet-stream")},
-            data=fields,
-            headers=self._auth(),
+            self.url + path,
+            data=json.dumps(body, separators=(",", ":")).encode(),
+            headers={"Content-Type": "application/json", **self._auth()},
         ).prepare()
+
+    def _unwrap(self, envelope) -> dict:
+        """camserve's answer out of a KServe v1/v2 body; a refusal there is a 200 with a typed
+        error (KServe turns every non-200 into a 500), raised as this image's ``ImageError``."""
+        answer = error = None
+        if isinstance(envelope, dict) and self.protocol == "kserve-v1":
+            error = envelope.get("error")
+            entries = envelope.get("predictions")
+            if isinstance(entries, list) and len(entries) == 1 and isinstance(entries[0], dict):
+                answer = entries[0]
+                error = answer.get("error") if set(answer) == {"error"} else None
+        elif isinstance(envelope, dict):
+            outputs = envelope.get("outputs")
+            if isinstance(outputs, list) and len(outputs) == 1 and isinstance(outputs[0], dict):
+                output = outputs[0]
+                data = output.get("data")
+                try:
+                    inner = json.loads(data[0]) if isinstance(data, list) and data else None
+                except (TypeError, ValueError):
+                    inner = None
+                if output.get("name") == KSERVE_ERROR:
+                    error = inner
+                elif output.get("name") == KSERVE_ANSWER:
+                    answer = inner
+        if isinstance(error, dict) and "message" in error:
+            raise ImageError(_error_text(error), error.get("status"))
+        if isinstance(answer, dict) and error is None:
+            return answer
+        raise ImageError(f"the answer is not a {self.protocol} body with one explanation")
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -214,13 +303,18 @@ class Client:
         except ValueError:
             body = None
         if isinstance(body, dict) and "message" in body:
-            # camserve's errors name a code ("undecodable_image"); TorchServe's a type.
-            code = body.get("code")
-            label = code if isinstance(code, str) else body.get("type")
-            message = f"{label}: {body['message']}" if label else str(body["message"])
+            message = _error_text(body)
         else:
             message = " ".join(text.split())[:300] or "no details"
         return ImageError(f"HTTP {response.status_code} {message}", response.status_code)
+
+
+def _error_text(body: dict) -> str:
+    """``code: message``: camserve's errors name a code ("undecodable_image"), TorchServe's a
+    type."""
+    code = body.get("code")
+    label = code if isinstance(code, str) else body.get("type")
+    return f"{label}: {body['message']}" if label else str(body["message"])
 
 
 def _causes(err: BaseException) -> Iterator[BaseException]:
@@ -265,6 +359,26 @@ def overlay_paths(paths: Sequence[Path], out: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+# Saves the pictures of one answer: called with the input's position and the answer, it
+# takes what it keeps out of the answer's ``images`` blocks and returns the files it wrote.
+PictureSink = Callable[[int, dict], tuple[Path, ...]]
+
+
+def overlay_writer(paths: Sequence[Path], out: Path) -> PictureSink:
+    """``camserve predict --out``: each input's overlay pair, as ``overlay_paths`` names it."""
+    names = overlay_paths(paths, out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(position: int, body: dict) -> tuple[Path, ...]:
+        pictures = body.pop("images")
+        pair = names[position]
+        pair[0].write_bytes(base64.b64decode(pictures["overlay_png"]))
+        pair[1].write_bytes(base64.b64decode(pictures["shifted_overlay_png"]))
+        return pair
+
+    return write
+
+
 def predict_files(
     client: Client,
     paths: Sequence[Path],
@@ -272,27 +386,31 @@ def predict_files(
     target: str | None = None,
     concurrency: int = 4,
     progress: Callable[[Iterable], Iterable] | None = None,
+    maps: int | None = None,
+    pictures: PictureSink | None = None,
 ) -> list[Outcome]:
     """Explain every file with at most ``concurrency`` requests in flight, in input order.
 
-    A per-image failure becomes that row's ``error``. A ``ClientError`` (no server, token
-    refused) stops sending and raises ``RunStopped``, which carries every row: the answered
-    ones, and ``stopped`` rows for the images that were not sent.
+    The server draws pictures when ``out`` (overlay pairs written there) or ``pictures`` (a
+    ``PictureSink``, which wins) is given. A per-image failure becomes that row's ``error``.
+    A ``ClientError`` (no server, token refused) stops sending and raises ``RunStopped``,
+    which carries every row: the answered ones, and ``stopped`` rows for the images that
+    were not sent.
     """
     concurrency = max(1, min(int(concurrency), MAX_CONCURRENCY))
-    names = overlay_paths(paths, out) if out is not None else [None] * len(paths)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    if pictures is None and out is not None:
+        pictures = overlay_writer(paths, out)
+    images = pictures is not None
     stop = threading.Event()
     reasons: list[ClientError] = []
 
-    def one(path: Path, pair: tuple[Path, Path] | None) -> Outcome:
+    def one(position: int, path: Path) -> Outcome:
         if stop.is_set():
             return Outcome(path, error="not sent: the run stopped", stopped=True)
         try:
             # Checked before reading: a file over the limit is never loaded whole.
-            client.check_size(client.request_size(path.stat().st_size, target, pair is not None))
-            body = client.explain(path.read_bytes(), target=target, images=pair is not None)
+            client.check_size(client.request_size(path.stat().st_size, target, images, maps))
+            body = client.explain(path.read_bytes(), target=target, images=images, maps=maps)
         except OSError as err:
             return Outcome(path, error=f"cannot read the file: {err.strerror or err}")
         except ImageError as err:
@@ -301,17 +419,16 @@ def predict_files(
             stop.set()
             reasons.append(err)
             return Outcome(path, error=f"not sent: {err}", stopped=True)
-        written: tuple[Path, ...] = ()
-        if pair is not None:
-            pictures = body.pop("images")
-            pair[0].write_bytes(base64.b64decode(pictures["overlay_png"]))
-            pair[1].write_bytes(base64.b64decode(pictures["shifted_overlay_png"]))
-            written = pair
-        return Outcome(path, body=body, overlays=written)
+        if pictures is None:
+            return Outcome(path, body=body)
+        try:
+            return Outcome(path, body=body, overlays=pictures(position, body))
+        except (OSError, KeyError, TypeError, ValueError) as err:
+            return Outcome(path, error=f"answered, but its pictures could not be saved: {err!r}")
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         # At most `concurrency` run at a time; results are read back in input order.
-        futures = [pool.submit(one, p, n) for p, n in zip(paths, names, strict=True)]
+        futures = [pool.submit(one, n, p) for n, p in enumerate(paths)]
         results: Iterable[Outcome] = (f.result() for f in futures)
         if progress is not None:
             results = progress(results)
