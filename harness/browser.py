@@ -41,8 +41,9 @@ def missing() -> str | None:
 def chromium(
     width: int = 1280, height: int = 900, scripts: bool = True, timeout: float = 60.0
 ) -> Iterator:
-    """A Selenium ``webdriver.Chrome`` on a fresh profile, quit on exit. ``scripts=False``
-    turns JavaScript off for the pages it opens (WebDriver's own commands still run)."""
+    """A Selenium ``webdriver.Chrome`` on a fresh profile with a ``width`` x ``height``
+    viewport, quit on exit. ``scripts=False`` turns JavaScript off for the pages it opens
+    (WebDriver's own commands still run)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -61,6 +62,9 @@ def chromium(
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
     try:
+        # The viewport itself at width x height (--window-size counts the window's frame).
+        metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
         driver.set_page_load_timeout(timeout)
         driver.set_script_timeout(timeout)
         yield driver

@@ -6,7 +6,7 @@ catches, not only the stable case: the top-1 class with the shipped calibration 
 a requested class the model does not predict, and the top-1 class with the ``image_mean``
 reference (as an archive without calibration would answer). Writes a PNG contact sheet
 (``docs/gallery.png``), a three-entry strip for the README (``docs/overview.png``) and a
-self-contained HTML page::
+self-contained HTML page drawn by ``camserve report``'s renderer (least stable first)::
 
     python -m harness.gallery --count 24 --png docs/gallery.png --html .run/gallery/index.html
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import html
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,10 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
+from camserve.encode_json import explanation_json
 from camserve.encode_png import DEFAULT_COLORMAP, encode_png, network_view, overlay_image
 from camserve.explainer import Explainer, Explanation
+from camserve.tools import report
 from harness.shapes.dataset import HELD_OUT_SEED, render_sample
 
 PANEL = 128  # display size of each picture (the network sees 64x64)
@@ -201,45 +202,32 @@ def save_png(image: Image.Image, path: Path) -> None:
     )
 
 
-def _data_uri(image: Image.Image) -> str:
-    return "data:image/png;base64," + base64.b64encode(encode_png(image)).decode("ascii")
+def _picture(image: Image.Image) -> report.Picture:
+    uri = "data:image/png;base64," + base64.b64encode(encode_png(image)).decode("ascii")
+    return report.Picture(uri, *image.size)
 
 
 def html_page(entries: list[Entry], labels: list[str]) -> str:
-    """A self-contained page (images inline), one table row per entry, most stable first."""
+    """A self-contained page (pictures inline), drawn by ``camserve report``'s renderer: one
+    card per entry, least stable first, with its sorting and filtering."""
     rows = []
-    for rank, entry in enumerate(entries, 1):
-        zr = entry.explanation.explained.zero_reference
+    for entry in entries:
+        body = explanation_json(entry.explanation)
+        view, overlay, shifted = (_picture(p) for p in entry.panels)
+        card = report.card(body, body["explained"], body["zero_reference"], (overlay, shifted))
         first, _ = _caption(entry, labels)
-        cells = "".join(
-            f'<td><img src="{_data_uri(p)}" width="{PANEL}" height="{PANEL}" '
-            f'alt="{html.escape(a)}"></td>'
-            for p, a in zip(entry.panels, PANELS, strict=True)
-        )
         rows.append(
-            f'<tr data-score="{zr.score:.6f}"><td>{rank}</td><td>{html.escape(first)}</td>'
-            f"{cells}<td>{zr.score:.3f}</td><td>{zr.worst_case.score:.3f}</td>"
-            f"<td>{zr.offset:+.4g}</td><td>{zr.region_iou:.2f}</td>"
-            f"<td>{'yes' if zr.stable else '<b>no</b>'}</td></tr>"
-        )
-    head = "".join(
-        f"<th>{h}</th>"
-        for h in ("#", "image: true -> predicted (p)", *PANELS, "score", "worst case",
-                  "offset c", "region IoU", "stable")
-    )  # fmt: skip
-    return (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        "<title>camserve gallery</title><style>"
-        "body{font-family:sans-serif;margin:1.5em}td,th{padding:4px 8px;text-align:left}"
-        "tr:nth-child(even){background:#f4f4f4}img{image-rendering:pixelated}"
-        "</style></head><body>\n<h1>camserve gallery</h1>\n"
-        f"<p>{len(entries)} generated <code>shapes</code> images (held-out split), sorted from "
-        "most stable to least. <b>score</b>: the share of the Grad-CAM map's mass that moves "
-        "when the target layer's zero point is shifted to the reference (0 = none, 1 = all); "
-        "<b>worst case</b>: the largest such share for any shift within the allowed radius.</p>\n"
-        f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(rows) + "\n</tbody></table>"
-        "\n</body></html>\n"
+            report.ImageEntry(
+                entry.index, f"generated image #{entry.index}", (card,), view, None,
+                body["model"], body["target_layer"], first,
+            )
+        )  # fmt: skip
+    note = (
+        f"{len(entries)} generated shapes images (held-out split), explained three ways: the "
+        "top-1 class with the shipped calibration reference, a class the model does not "
+        "predict (requested), and the top-1 class against the image_mean reference."
     )
+    return report.render_page(rows, report.RunInfo(title="camserve gallery", note=note))
 
 
 def build(

@@ -399,3 +399,67 @@ def test_table_keeps_errors_on_their_row():
     lines = table.splitlines()
     assert lines[1].split() == ["a.png", "ring", "0.912", "0.031", "yes"]
     assert lines[2].split() == ["b.png", "ERROR", "HTTP", "415", "nope"]
+
+
+# --- KServe bodies: the client speaks v1 and v2 to the same real TorchServe ----------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("protocol", ["kserve-v1", "kserve-v2"])
+def test_kserve_protocols_get_the_same_answer_and_the_same_errors(server, images, protocol):
+    """TorchServe serves KServe's v1/v2 routes itself (the bodies KServe's wrapper forwards);
+    camserve answers them with its usual JSON, which the client unwraps."""
+    from tests.live import VALIDATOR
+
+    paths, labels = images
+    token = server.keys()["inference"]
+    client = Client(server.inference_url, "shapes", token, protocol=protocol)
+    plain = Client(server.inference_url, "shapes", token)
+    image = paths[0].read_bytes()
+    other = CLASSES[(labels[0] + 1) % len(CLASSES)]
+
+    answer = client.explain(image, target=other, images=True, maps=2)
+    VALIDATOR.validate(answer)
+    assert answer["explained"]["label"] == other and answer["explained"]["requested"] is True
+    [more] = answer["more_explanations"]
+    assert more["label"] == CLASSES[labels[0]] and set(more["images"]) == set(answer["images"])
+    same = plain.explain(image, target=other, images=True, maps=2)
+    assert answer["zero_reference"] == same["zero_reference"]
+    assert answer["images"]["overlay_png"] == same["images"]["overlay_png"]
+
+    # The size check counts the JSON body exactly (base64 and all).
+    assert client.request_size(len(image), other, True, 2) == len(
+        client._prepare(image, other, True, 2).body
+    )
+    # A refusal is a 200 with a typed error under KServe: still this image's row.
+    with pytest.raises(ImageError, match="^undecodable_image: ") as refused:
+        client.explain(b"GIF89a but cut", images=False)
+    assert refused.value.status == 422
+    with pytest.raises(ClientError, match="serves no model named 'nope'"):
+        Client(server.inference_url, "nope", token, protocol=protocol).explain(image)
+
+
+@pytest.mark.integration
+def test_predict_over_kserve_v2(server, images, monkeypatch, capsys):
+    paths, labels = images
+    args = [*paths[:2], "--url", server.inference_url, "--protocol", "kserve-v2"]
+    args += ["--key-file", server.workdir / "key_file.json"]
+    code, stdout, stderr = run_cli(monkeypatch, capsys, args)
+    assert code == 0, stderr
+    assert_good_rows(rows_by_file(stdout), paths[:2], labels[:2])
+
+
+def test_an_unknown_protocol_is_a_usage_error(images, monkeypatch, capsys):
+    paths, _ = images
+    with pytest.raises(SystemExit) as exited:
+        run_cli(monkeypatch, capsys, [paths[0], "--protocol", "grpc"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'grpc'" in capsys.readouterr().err
+
+
+def test_folders_are_expanded_to_their_images(images, tmp_path, monkeypatch, capsys):
+    paths, _ = images
+    (paths[0].parent / "notes.txt").write_text("not an image")
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: the run stops at once
+    code, _, stderr = run_cli(monkeypatch, capsys, [paths[0].parent, "--url", url], token="x")
+    assert code == 2 and f"({len(paths)} of {len(paths)} image(s) not sent)" in stderr

@@ -27,10 +27,16 @@ def test_gallery_builds_sorted_most_stable_first(tmp_path):
     assert overview.width == sheet.width and overview.height < sheet.height
 
     text = page.read_text()
-    page_scores = [float(s) for s in re.findall(r'<tr data-score="([0-9.]+)">', text)]
-    assert page_scores == [round(s, 6) for s in scores]
+    # The page is camserve report's: one card per entry, least stable first, pictures inline.
+    page_scores = [
+        float(s) for s in re.findall(r'<article class="card" [^>]*data-score="([0-9.]+)"', text)
+    ]
+    assert page_scores == [round(s, 6) for s in reversed(scores)]
     assert text.count('src="data:image/png;base64,') == 3 * len(entries)
-    # Each row names the true class of its generated image.
+    assert text.count('<span class="tag">requested</span>') == sum(
+        e.kind == gallery.REQUESTED for e in entries
+    )
+    # Each entry names the true class of its generated image.
     for entry in entries:
         assert f"#{entry.index} {entry.true_label} -&gt; " in text
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jsonschema
 import pytest
 
@@ -74,3 +76,39 @@ def test_maps_option_explains_the_next_classes(shapes_explainer):
     assert [m["index"] for m in more] == [p["index"] for p in body["predictions"][1:3]]
     assert all(m["grad_cam"]["shape"] == [8, 8] for m in more)
     assert "more_explanations" not in explain(shapes_explainer)
+
+
+def test_images_for_every_explained_class(shapes_explainer):
+    """images=true draws each more_explanations class too; it adds pictures and nothing else,
+    and without maps > 1 the answer is what it was (the explained class's block only)."""
+    import base64
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from camserve.encode_png import upsample
+
+    pictured = explain(shapes_explainer, RequestOptions(maps=3, topk=3, images=True))
+    plain = explain(shapes_explainer, RequestOptions(maps=3, topk=3))
+    VALIDATOR.validate(pictured)
+    assert all("images" not in m for m in plain["more_explanations"])
+    stripped = {k: v for k, v in pictured.items() if k != "images"}
+    stripped["more_explanations"] = [
+        {k: v for k, v in m.items() if k != "images"} for m in pictured["more_explanations"]
+    ]
+    assert json.dumps(stripped) == json.dumps(plain)
+    assert list(pictured) == [*plain, "images"]  # the explained class's block stays last
+
+    # Each class's heatmap is its own map, upsampled (an oracle from the JSON map alone).
+    for block, images in [(pictured, pictured["images"])] + [
+        (m, m["images"]) for m in pictured["more_explanations"]
+    ]:
+        heatmap = np.asarray(Image.open(io.BytesIO(base64.b64decode(images["heatmap_png"]))))
+        expected = upsample(torch.tensor(block["grad_cam"]["map"]), (64, 64)).numpy() * 255
+        assert np.abs(heatmap - expected).max() <= 2
+
+    single = explain(shapes_explainer, RequestOptions(images=True))
+    assert "more_explanations" not in single
+    assert list(single) == [*explain(shapes_explainer), "images"]
