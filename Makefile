@@ -9,7 +9,7 @@ CORE_FILES := $(shell find camserve handlers -name '*.py' -o -name '*.json' 2>/d
 HARNESS := $(PY) -m harness
 
 .PHONY: serve stop test lint format train evaluate archive calibrate calibrate-shapes venv clean monitor monitor-stop \
-	gallery kserve-bundle bench bench-gpu soak system-deps
+	gallery kserve-bundle bench bench-gpu soak system-deps report-screenshot
 
 # The Debian packages whose commands the targets run. A target that needs some lists
 # system-deps first among its prerequisites and, unless it needs all of them, names its own:
@@ -112,6 +112,12 @@ gallery: $(INSTALLED)
 	$(HARNESS).gallery --model-dir models/shapes --count 24 \
 		--png docs/gallery.png --overview docs/overview.png --html .run/gallery/index.html
 	$(HARNESS).figures --model-dir models/shapes --out docs/score.png
+
+# `camserve report` of examples/ on a TorchServe of its own, and its screenshot in headless
+# Chromium (Debian's chromium and chromium-driver): docs/report.png, .run/report-examples/.
+report-screenshot: SYSTEM_PACKAGES = $(JAVA_PACKAGE) $(BROWSER_PACKAGES)
+report-screenshot: system-deps model_store/shapes.mar
+	$(HARNESS).report_screenshot --out .run/report-examples --png docs/report.png
 
 # The storage layout of KServe's TorchServe runtime: config/config.properties + model-store/*.mar.
 kserve-bundle: $(INSTALLED)

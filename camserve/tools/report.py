@@ -44,8 +44,8 @@ HISTOGRAM_BANDS = 10
 ASSETS = "assets"
 INDEX = "index.html"
 ANSWERS = "answers.jsonl"
-# A stored PNG thumbnail larger than this is stored as JPEG instead (photographs).
-PNG_BUDGET = 24_000
+# A picture whose PNG takes more bytes per pixel than this is stored as a JPEG instead.
+PNG_BYTES_PER_PIXEL = 0.75
 
 
 @dataclass(frozen=True)
@@ -171,23 +171,25 @@ def entry_from_answer(
 
 
 def _stored(image: Image.Image, folder: Path, stem: str, original: bytes | None = None) -> Picture:
-    """``image`` as a file of at most THUMBNAIL pixels a side (``original``, the PNG it came
-    from, is kept as it is when it is small enough already)."""
-    if original is not None and max(image.size) <= THUMBNAIL:
-        name = f"{stem}.png"
-        (folder / name).write_bytes(original)
-        return Picture(f"{ASSETS}/{name}", *image.size)
-    image = image.copy()
-    image.thumbnail((THUMBNAIL, THUMBNAIL))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG", optimize=True)
-    name = f"{stem}.png"
-    if buffer.tell() > PNG_BUDGET:
+    """``image`` as a file of at most THUMBNAIL pixels a side: a PNG while it stays small
+    (``original``, the PNG it came from, as it is), else a JPEG (photographs and noisy
+    pictures, where PNG keeps almost the raw size)."""
+    if max(image.size) > THUMBNAIL:
+        image = image.copy()
+        image.thumbnail((THUMBNAIL, THUMBNAIL))
+        original = None
+    budget = PNG_BYTES_PER_PIXEL * image.width * image.height
+    data, suffix = original, "png"
+    if data is None or len(data) > budget:
         buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, "JPEG", quality=85)
-        name = f"{stem}.jpg"
-    (folder / name).write_bytes(buffer.getvalue())
-    return Picture(f"{ASSETS}/{name}", *image.size)
+        image.save(buffer, "PNG", optimize=True)
+        data = buffer.getvalue()
+    if len(data) > budget:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, "JPEG", quality=90, subsampling=0)
+        data, suffix = buffer.getvalue(), "jpg"
+    (folder / f"{stem}.{suffix}").write_bytes(data)
+    return Picture(f"{ASSETS}/{stem}.{suffix}", *image.size)
 
 
 def input_thumbnail(path: Path, folder: Path, stem: str) -> Picture | None:
@@ -197,7 +199,6 @@ def input_thumbnail(path: Path, folder: Path, stem: str) -> Picture | None:
         with Image.open(path) as image:
             image.draft("RGB", (THUMBNAIL, THUMBNAIL))  # JPEG: decode at a reduced scale
             view = ImageOps.exif_transpose(image)
-            view.thumbnail((THUMBNAIL, THUMBNAIL))
             return _stored(view.convert("RGBA" if "A" in view.getbands() else "RGB"), folder, stem)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
         return None
@@ -303,12 +304,12 @@ def _picture(picture: Picture | None, alt: str, caption: str) -> str:
         pixelated = ' class="px"' if scale > 1 else ""
         body = (
             f'<img src="{esc(picture.src)}" width="{width}" height="{height}" alt="{esc(alt)}"'
-            f' loading="lazy" decoding="async"{pixelated}>'
+            f' loading="lazy"{pixelated}>'
         )
     return f"<figure>{body}<figcaption>{esc(caption)}</figcaption></figure>"
 
 
-def _card_html(card: ClassCard, name: str) -> str:
+def _card_html(card: ClassCard, show_reference: bool) -> str:
     verdict = "stable" if card.stable else "unstable"
     tags = [f'<span class="tag {verdict}">{verdict}</span>']
     if card.requested:
@@ -325,44 +326,36 @@ def _card_html(card: ClassCard, name: str) -> str:
         ("worst case", _number(card.worst_case)),
         ("region IoU", _number(card.region_iou, 2)),
         ("centroid shift", shift),
-        ("reference", card.reference),
-    )
+    ) + ((("reference", card.reference),) if show_reference else ())
     numbers = "".join(f"<dt>{k}</dt><dd>{esc(v)}</dd>" for k, v in facts)
     return (
         f'<article class="card" data-label="{label}" data-stable="{int(card.stable)}" '
         f'data-score="{card.score:.6f}" data-probability="{card.probability:.6f}">'
-        f'<h4><span class="label">{label}</span> {" ".join(tags)}</h4><div class="pics">'
-        + _picture(card.overlay, f"Grad-CAM overlay of {card.label} on {name}", "Grad-CAM")
+        f'<h4>{label} {" ".join(tags)}</h4><div class="pics">'
+        + _picture(card.overlay, f"Grad-CAM of {card.label}", "Grad-CAM")
         + _picture(
             card.shifted,
-            f"Grad-CAM overlay of {card.label} on {name} after the reference shift",
+            f"Grad-CAM of {card.label} after the reference shift",
             "after the reference shift",
         )
         + f"</div><dl>{numbers}</dl></article>"
     )
 
 
-def _entry_html(entry: ImageEntry) -> str:
-    name = esc(entry.name)
-    head = f'<h3 class="file">{name}</h3>'
+def _entry_html(entry: ImageEntry, show_reference: bool) -> str:
+    head = f'<h3 class="file">{esc(entry.name)}</h3>'
     if entry.caption:
         head += f'<p class="caption">{esc(entry.caption)}</p>'
-    attributes = (
-        f'id="image-{entry.position}" data-position="{entry.position}" data-name="{name}" '
-        f'data-failed="{int(entry.failed)}"'
-    )
-    if entry.failed:
+    if entry.failed:  # the summary's table links to failed files
         return (
-            f'<li class="image failed" {attributes}>{head}'
+            f'<li class="image failed" id="image-{entry.position}" data-failed="1">{head}'
             f'<p class="error"><strong>failed:</strong> {esc(entry.error)}</p></li>'
         )
-    cards = "".join(_card_html(c, entry.name) for c in entry.cards)
-    count = len(entry.cards)
+    cards = "".join(_card_html(c, show_reference) for c in entry.cards)
     return (
-        f'<li class="image" {attributes}>{head}<div class="row">'
-        + _picture(entry.input, f"input {entry.name}", "input")
-        + f'<div class="cards" aria-label="{count} explained class{"es" * (count != 1)}">'
-        f"{cards}</div></div></li>"
+        f'<li class="image" data-failed="0">{head}<div class="row">'
+        + _picture(entry.input, "input", "input")
+        + f'<div class="cards">{cards}</div></div></li>'
     )
 
 
@@ -574,6 +567,8 @@ SCRIPT = (
   const status = byId("status"), pager = byId("pager"), pageText = byId("page");
   const previous = byId("previous"), next = byId("next");
   const cards = new Map(groups.map((g) => [g, Array.from(g.querySelectorAll(".card"))]));
+  const names = new Map(groups.map((g) => [g, g.querySelector(".file").textContent]));
+  const order = new Map(groups.map((g, i) => [g, i]));  // ties keep the page's own order
   let page = 0, shown = [];
   const keys = {
     score: (g, v) => Math.max(...v.map((c) => +c.dataset.score)),
@@ -596,7 +591,7 @@ SCRIPT = (
       }
       const keep = failed ? want === "failed" || (want === "all" && !wanted) : visible.length > 0;
       const key = failed || !keys[field] ? 0 : keys[field](g, visible);
-      rows.push({g, failed, keep, key, name: g.dataset.name, position: +g.dataset.position});
+      rows.push({g, failed, keep, key, name: names.get(g), position: order.get(g)});
     }
     const sign = direction === "asc" ? 1 : -1;
     rows.sort((a, b) => (a.failed - b.failed) ||
@@ -625,6 +620,7 @@ SCRIPT = (
   next.addEventListener("click", () => { show(page + 1); list.scrollIntoView(); });
   byId("controls").hidden = false;
   apply();
+  performance.mark("report-ready");
 })();
 """.strip()
     % {"page": PAGE_SIZE}
@@ -639,6 +635,8 @@ def render_page(entries: Sequence[ImageEntry], run: RunInfo = RunInfo()) -> str:
     """The page: summary, then every entry in ``default_order``."""
     ordered = default_order(entries)
     cards = sum(len(e.cards) for e in entries)
+    # The summary names the reference; cards name it only when it varies.
+    mixed = len({c.reference for e in entries for c in e.cards}) > 1
     # Nothing but the page's own files, inline style and this one script: no network
     # request can leave the page, and a script injected through a name would not run.
     policy = (
@@ -671,7 +669,7 @@ def render_page(entries: Sequence[ImageEntry], run: RunInfo = RunInfo()) -> str:
         "</p></noscript>"
         + _controls_html(entries)
         + '\n<ol id="images" class="images">\n'
-        + "\n".join(_entry_html(e) for e in ordered)
+        + "\n".join(_entry_html(e, mixed) for e in ordered)
         + "\n</ol>\n"
         + PAGER
         + f"</section>\n</main>\n<script>{SCRIPT}</script>\n</body></html>\n"
