@@ -18,10 +18,13 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import statistics
+import subprocess
 import tempfile
 from pathlib import Path
 
+from bench.run import REPO, RESULTS, machine
 from camserve.encode_json import explanation_json
 from camserve.explainer import Explainer
 from camserve.request import ParsedRequest, RequestOptions
@@ -30,8 +33,6 @@ from camserve.tools.client import Outcome
 from harness.browser import chromium, console_errors, page_url
 from harness.shapes.dataset import HELD_OUT_SEED, render_sample
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 DISTINCT = 24
 
 TIMINGS = """
@@ -42,8 +43,7 @@ const ready = performance.getEntriesByName("report-ready")[0];
 return {first_paint_ms: paint["first-paint"], first_contentful_paint_ms:
   paint["first-contentful-paint"], dom_content_loaded_ms: nav.domContentLoadedEventEnd,
   load_ms: nav.loadEventEnd, script_ready_ms: ready ? ready.startTime : null,
-  dom_elements: document.getElementsByTagName("*").length,
-  js_heap_mb: performance.memory ? performance.memory.usedJSHeapSize / 1048576 : null};
+  dom_elements: document.getElementsByTagName("*").length};
 """
 
 # Scrolls 200 px a frame for 120 frames and returns the frame intervals, in ms.
@@ -102,20 +102,22 @@ def build(count: int, bodies: list[dict], files: list[Path], out: Path) -> dict:
         body = copy.deepcopy(bodies[n % DISTINCT])
         outcomes.append(Outcome(name, body=body, overlays=assets(n, body)))
     entries = assets.entries(outcomes)
-    page = out / report.INDEX
-    page.write_text(report.render_page(entries, report.RunInfo()), encoding="utf-8")
+    page = report.write_pages(out, entries, report.RunInfo())
     pictures = list((out / report.ASSETS).iterdir())
+    static = list(out.glob("page-*.html"))
     return {
         "images": count,
         "explanations": sum(len(e.cards) for e in entries),
         "index_html_bytes": page.stat().st_size,
+        "static_pages": len(static),
+        "static_pages_bytes": sum(p.stat().st_size for p in static),
         "asset_files": len(pictures),
         "asset_bytes": sum(p.stat().st_size for p in pictures),
     }
 
 
 def without_script(page: Path) -> Path:
-    """The page as a reader without scripts sees it: every image in one list. Measured with
+    """The page as a reader without scripts sees it: its first page of images. Measured with
     scripts on and the page's own script cut out, since a browser with JavaScript off would
     not run the measuring script's animation frames either."""
     text = page.read_text(encoding="utf-8")
@@ -128,6 +130,7 @@ def without_script(page: Path) -> Path:
 def measure(page: Path, loads: int, scripts: bool) -> dict:
     """Median timings over ``loads`` loads of ``page`` in one browser (the first one cold)."""
     runs = []
+    load = round(os.getloadavg()[0], 2)
     if not scripts:
         page = without_script(page)
     with chromium(1280, 900, timeout=300) as driver:
@@ -147,7 +150,10 @@ def measure(page: Path, loads: int, scripts: bool) -> dict:
     for key in runs[0]:
         values = [r[key] for r in runs if r[key] is not None]
         summary[key] = round(statistics.median(values), 1) if values else None
-    return {"scripts": scripts, "loads": loads, "median": summary, "runs": runs}
+    return {
+        "scripts": scripts, "loads": loads, "load_average_1min": load, "median": summary,
+        "runs": runs,
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,8 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS / f"{date}-report-page.json"
     record = {
         "what": "camserve report page: size, paint and scroll timings (bench/report_page.py)",
-        "chromium": "Debian's chromium, headless, 1280x900 viewport",
-        "note": "the machine was shared with other jobs: timings are upper bounds",
+        "chromium": subprocess.run(
+            ["chromium", "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        + ", headless, 1280x900 viewport",
+        "machine": machine(),
+        "note": "the machine was shared with other jobs (see load_average_1min): timings are "
+        "upper bounds",
         "results": results,
     }
     out.write_text(json.dumps(record, indent=1) + "\n")

@@ -255,20 +255,38 @@ def test_without_scripts_every_image_shows_least_stable_first(built):
 
 @pytest.mark.integration
 def test_a_large_report_is_paged(built, browser, tmp_path):
-    """250 images (answers replayed from the real run): 100 a page, the pager moves on."""
+    """250 images (answers replayed from the real run): 100 a page, in the document only the
+    page on show; without scripts, static pages hold the rest."""
     _, _, _, _, answers = built
     body = next(a["answer"] for a in answers if "answer" in a)
     entries = [report.entry_from_answer(n, f"image{n:03d}.png", body) for n in range(250)]
-    (tmp_path / report.INDEX).write_text(report.render_page(entries), encoding="utf-8")
+    report.write_pages(tmp_path, entries)
+    assert sorted(p.name for p in tmp_path.glob("*.html")) == [
+        "index.html", "page-2.html", "page-3.html"
+    ]  # fmt: skip
     open_report(browser, tmp_path)
     assert len(visible_groups(browser)) == report.PAGE_SIZE
+    assert browser.execute_script("return document.querySelectorAll('.image').length") == 100
     assert browser.find_element(By.ID, "page").text == "page 1 of 3"
+    assert not browser.find_element(By.CSS_SELECTOR, ".static-pages").is_displayed()
     browser.find_element(By.ID, "next").click()
     names = [g["name"] for g in visible_groups(browser)]
     assert names[0] == "image100.png" and len(names) == report.PAGE_SIZE
     browser.find_element(By.ID, "next").click()
     assert len(visible_groups(browser)) == 50
     assert not browser.find_element(By.ID, "next").is_enabled()
+    assert console_errors(browser) == []
+
+    # The last static page: the same 50 images, links back, and no script at all.
+    browser.get(page_url(tmp_path / "page-3.html"))
+    assert [g["name"] for g in visible_groups(browser)] == [
+        f"image{n}.png" for n in range(200, 250)
+    ]
+    links = browser.find_elements(By.CSS_SELECTOR, ".static-pages a")
+    assert {a.get_attribute("href").rsplit("/", 1)[1] for a in links} == {
+        "index.html", "page-2.html"
+    }  # fmt: skip
+    assert browser.find_elements(By.TAG_NAME, "script") == []
     assert console_errors(browser) == []
 
 

@@ -532,7 +532,7 @@ td:last-child{width:100px}.bar.bad{background:#b3261e}.bar.ok{background:#2e7d32
 .sr{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0)}
 .alert{border:2px solid #b3261e;padding:.5em .8em;background:#fdecea}
 .controls{display:flex;flex-wrap:wrap;gap:1em;align-items:center;margin:.5em 0}
-.controls[hidden]{display:none}select,button{font:inherit;padding:2px 6px}
+.controls[hidden],.static-pages[hidden]{display:none}select,button{font:inherit;padding:2px 6px}
 ol.images{list-style:none;padding:0;margin:0}
 .image{border-top:1px solid #ddd;padding:.6em 0;content-visibility:auto;
 contain-intrinsic-size:auto 250px}
@@ -553,16 +553,17 @@ font-size:.9em;font-variant-numeric:tabular-nums}.card dd{margin:0}
 :focus-visible{outline:3px solid #1a73e8;outline-offset:2px}
 """.strip()
 
-# Sorts, filters and pages the groups the server rendered; reads only data-* attributes and
-# writes only textContent and the hidden flag, never HTML.
+# Sorts, filters and pages the groups the page holds; reads only data-* attributes and text,
+# writes only textContent and the hidden flag, never HTML. Only the page on show is in the
+# document: 10,000 laid-out groups (or their lazy pictures' observers) would slow every frame.
 SCRIPT = (
     """
 (() => {
   "use strict";
   const PAGE = %(page)d;
-  const list = document.getElementById("images");
-  const groups = Array.from(list.children);
   const byId = (id) => document.getElementById(id);
+  const list = byId("images");
+  const groups = Array.from(list.children).concat(Array.from(byId("more-images").content.children));
   const sort = byId("sort"), label = byId("class-filter"), state = byId("state-filter");
   const status = byId("status"), pager = byId("pager"), pageText = byId("page");
   const previous = byId("previous"), next = byId("next");
@@ -597,16 +598,14 @@ SCRIPT = (
     rows.sort((a, b) => (a.failed - b.failed) ||
       (field === "name" ? a.name.localeCompare(b.name) : sign * (a.key - b.key)) ||
       a.position - b.position);
-    list.append(...rows.map((r) => r.g));
     shown = rows.filter((r) => r.keep).map((r) => r.g);
-    for (const r of rows) if (!r.keep) r.g.hidden = true;
     show(0);
   }
   function show(number) {
     const pages = Math.max(1, Math.ceil(shown.length / PAGE));
     page = Math.min(Math.max(0, number), pages - 1);
     const first = page * PAGE, last = Math.min(shown.length, first + PAGE);
-    shown.forEach((g, i) => { g.hidden = i < first || i >= last; });
+    list.replaceChildren(...shown.slice(first, last));
     status.textContent = shown.length
       ? `Showing images ${first + 1} to ${last} of ${shown.length} (of ${groups.length}).`
       : `No image matches (of ${groups.length}).`;
@@ -619,6 +618,7 @@ SCRIPT = (
   previous.addEventListener("click", () => { show(page - 1); list.scrollIntoView(); });
   next.addEventListener("click", () => { show(page + 1); list.scrollIntoView(); });
   byId("controls").hidden = false;
+  for (const nav of document.querySelectorAll(".static-pages")) nav.hidden = true;
   apply();
   performance.mark("report-ready");
 })();
@@ -631,18 +631,55 @@ def _script_hash(script: str) -> str:
     return base64.b64encode(hashlib.sha256(script.encode()).digest()).decode("ascii")
 
 
-def render_page(entries: Sequence[ImageEntry], run: RunInfo = RunInfo()) -> str:
-    """The page: summary, then every entry in ``default_order``."""
-    ordered = default_order(entries)
-    cards = sum(len(e.cards) for e in entries)
-    # The summary names the reference; cards name it only when it varies.
-    mixed = len({c.reference for e in entries for c in e.cards}) > 1
-    # Nothing but the page's own files, inline style and this one script: no network
-    # request can leave the page, and a script injected through a name would not run.
+def page_name(number: int) -> str:
+    """The file of static page ``number`` (1 is the index)."""
+    return INDEX if number == 1 else f"page-{number}.html"
+
+
+def _document(title: str, body: str, script: str | None = None) -> str:
+    # Nothing but the page's own files, inline style and its one script: no network request
+    # can leave the page, and a script injected through a name would not run.
+    scripts = f"'sha256-{_script_hash(script)}'" if script else "'none'"
     policy = (
         "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
-        f"script-src 'sha256-{_script_hash(SCRIPT)}'; base-uri 'none'; form-action 'none'"
+        f"script-src {scripts}; base-uri 'none'; form-action 'none'"
     )
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{policy}">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        '<link rel="icon" href="data:,">\n'
+        f"<title>{esc(title)}</title>\n<style>{STYLE}</style></head>\n<body>\n{body}"
+        + (f"<script>{script}</script>\n" if script else "")
+        + "</body></html>\n"
+    )
+
+
+def _static_pages_html(number: int, pages: int, total: int) -> str:
+    """Links between the static pages: what a reader without scripts pages with."""
+    first = (number - 1) * PAGE_SIZE + 1
+    last = min(total, number * PAGE_SIZE)
+    links = " ".join(
+        f"<strong>{n}</strong>" if n == number else f'<a href="{page_name(n)}">{n}</a>'
+        for n in range(1, pages + 1)
+    )
+    return (
+        f'<nav class="static-pages" aria-label="pages"><p>Images {first} to {last} of {total}, '
+        f"least stable first. Pages: {links}</p></nav>"
+    )
+
+
+def render_pages(entries: Sequence[ImageEntry], run: RunInfo = RunInfo()) -> dict[str, str]:
+    """The report's HTML files by name: ``index.html`` (summary, then the first PAGE_SIZE
+    images in ``default_order``) and, past PAGE_SIZE images, ``page-2.html``... holding the
+    next ones, for readers without scripts. The index carries every image: the ones after
+    its first page in a ``<template>``, which the browser parses but neither lays out nor
+    loads pictures for, and which the script pages through."""
+    ordered = default_order(entries)
+    cards = sum(len(e.cards) for e in entries)
+    mixed = len({c.reference for e in entries for c in e.cards}) > 1  # else the summary says
+    groups = [_entry_html(e, mixed) for e in ordered]
+    pages = max(1, -(-len(groups) // PAGE_SIZE))
     header = f"<h1>{esc(run.title)}</h1>"
     if run.note:
         header += f"<p>{esc(run.note)}</p>"
@@ -651,13 +688,9 @@ def render_page(entries: Sequence[ImageEntry], run: RunInfo = RunInfo()) -> str:
             f'<p class="alert" role="alert"><strong>The run stopped early:</strong> '
             f"{esc(run.stopped)}. Images not sent are listed as failed.</p>"
         )
-    return (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
-        f'<meta http-equiv="Content-Security-Policy" content="{policy}">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        '<link rel="icon" href="data:,">\n'
-        f"<title>{esc(run.title)}: {len(entries)} images, {cards} explanations</title>\n"
-        f"<style>{STYLE}</style></head>\n<body>\n<header>{header}</header>\n<main>\n"
+    static = _static_pages_html(1, pages, len(groups)) if pages > 1 else ""
+    index = (
+        f"<header>{header}</header>\n<main>\n"
         + _summary_html(entries, run)
         + '\n<section id="explanations" aria-labelledby="explanations-title">'
         '<h2 id="explanations-title">Explanations</h2><p>Each image, then one card per '
@@ -665,15 +698,49 @@ def render_page(entries: Sequence[ImageEntry], run: RunInfo = RunInfo()) -> str:
         "to the reference, and the numbers. <strong>score</strong>: the share of the map's "
         "mass that moves (0 = none, 1 = all); <strong>worst case</strong>: the largest share "
         "for any shift within the allowed radius.</p>"
-        "<noscript><p>Without scripts: every image, least stable first, failed files last."
-        "</p></noscript>"
+        "<noscript><p>Without scripts: every image, least stable first, failed files last, "
+        f"{PAGE_SIZE} a page.</p></noscript>"
         + _controls_html(entries)
         + '\n<ol id="images" class="images">\n'
-        + "\n".join(_entry_html(e, mixed) for e in ordered)
-        + "\n</ol>\n"
+        + "\n".join(groups[:PAGE_SIZE])
+        + '\n</ol>\n<template id="more-images">\n'
+        + "\n".join(groups[PAGE_SIZE:])
+        + "\n</template>\n"
         + PAGER
-        + f"</section>\n</main>\n<script>{SCRIPT}</script>\n</body></html>\n"
+        + static
+        + "</section>\n</main>\n"
     )
+    title = f"{run.title}: {len(entries)} images, {cards} explanations"
+    files = {INDEX: _document(title, index, SCRIPT)}
+    for number in range(2, pages + 1):
+        chunk = groups[(number - 1) * PAGE_SIZE : number * PAGE_SIZE]
+        nav = _static_pages_html(number, pages, len(groups))
+        body = (
+            f'<header><h1>{esc(run.title)}</h1><p><a href="{INDEX}">summary and first page'
+            f"</a></p></header>\n<main>{nav}\n"
+            + '<ol id="images" class="images">\n'
+            + "\n".join(chunk)
+            + f"\n</ol>\n{nav}</main>\n"
+        )
+        files[page_name(number)] = _document(f"{title}, page {number}", body)
+    return files
+
+
+def render_page(entries: Sequence[ImageEntry], run: RunInfo = RunInfo()) -> str:
+    """The index page alone (all of the report up to PAGE_SIZE images)."""
+    return render_pages(entries, run)[INDEX]
+
+
+def write_pages(out: Path, entries: Sequence[ImageEntry], run: RunInfo = RunInfo()) -> Path:
+    """Write the report's HTML files into ``out`` (removing static pages of an older, longer
+    report); returns the index."""
+    files = render_pages(entries, run)
+    for stale in Path(out).glob("page-*.html"):
+        if stale.name not in files:
+            stale.unlink()
+    for name, text in files.items():
+        (Path(out) / name).write_text(text, encoding="utf-8")
+    return Path(out) / INDEX
 
 
 # --- A run ------------------------------------------------------------------------------------
@@ -732,7 +799,6 @@ def run_report(
         source=f"{client.url} ({client.protocol}), model {client.model}",
         stopped=str(stopped) if stopped else None,
     )
-    page = out / INDEX
-    page.write_text(render_page(entries, run), encoding="utf-8")
+    page = write_pages(out, entries, run)
     write_answers(out / ANSWERS, outcomes)
     return Report(page, outcomes, entries, stopped)
