@@ -391,3 +391,12 @@ def test_every_string_from_outside_is_escaped():
         and "http://" not in page.replace("http-equiv", "")
         and "https://" not in page
     )
+
+
+def test_bad_arguments_are_one_line_and_status_2(tmp_path):
+    code, stdout, stderr = run_report_cli(["x.png", "--out", tmp_path, "--maps", "0"])
+    assert code == 2 and stdout == ""
+    assert stderr == "camserve report: error: --maps must be at least 1, got 0\n"
+    with pytest.raises(SystemExit) as exited:
+        run_report_cli(["x.png"])  # --out is required
+    assert exited.value.code == 2

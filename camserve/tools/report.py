@@ -1,14 +1,15 @@
 """``camserve report``: served explanations as one self-contained page to review.
 
-    camserve report images/ --out report/     # report/index.html, report/assets/*.png
+    camserve report images/ --out report/     # report/index.html, report/assets/
 
 Images go to the server with the client of ``camserve predict`` (camserve.tools.client), with
 ``images=true``; each answer's pictures are saved as small files under ``DIR/assets`` as the
 answers arrive, so a run of 10,000 images does not hold them in memory. The page has a
 summary and then one group per image: the input, and one card per explained class (the
 explained one, then each ``more_explanations`` entry) with its overlay, its overlay after the
-reference shift and its numbers. Groups come least stable first, failed files last; a small
-inline script sorts, filters and pages them, and the page reads the same without it.
+reference shift and its numbers. Groups come least stable first, failed files last, 100 a
+page; a small inline script sorts, filters and pages them, and without it the index and its
+static ``page-N.html`` files read in that order.
 
 Offline and safe by construction: no network reference of any kind, a Content-Security-Policy
 that allows only the page's own files, inline style and the one script (by its hash), and
@@ -39,7 +40,7 @@ from camserve.tools.client import Client, Outcome, RunStopped, predict_files
 
 THUMBNAIL = 160  # largest side of a stored picture, in pixels
 DISPLAY = 128  # largest side of a picture on the page, in CSS pixels
-PAGE_SIZE = 100  # images per page when the script runs
+PAGE_SIZE = 100  # images a page
 HISTOGRAM_BANDS = 10
 ASSETS = "assets"
 INDEX = "index.html"
