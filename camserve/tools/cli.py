@@ -167,14 +167,11 @@ def _progress(total: int):
 
 def _input_files(images: list[Path]) -> list[Path]:
     """The files given, with each folder replaced by the images under it (sorted)."""
+    from camserve.tools.client import image_files
+
     files = []
     for path in images:
-        if path.is_dir():
-            from camserve.tools.client import image_files
-
-            files += image_files(path)
-        else:
-            files.append(path)
+        files += image_files(path) if path.is_dir() else [path]
     return files
 
 
