@@ -28,7 +28,7 @@ FLAGS = (
     "--disable-sync",
     "--hide-scrollbars",  # screenshots of the same page compare equal
 )
-INSTALL_HINT = "install them with apt-get install chromium chromium-driver"
+INSTALL_HINT = "make system-deps, or apt-get install chromium chromium-driver"
 
 
 def missing() -> str | None:
