@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from camserve.encode_png import background_of, images_json
-from camserve.explainer import ClassExplanation, Explanation
+from camserve.explainer import ClassExplanation, Explanation, ServedModel
 from camserve.maps import peak_normalised
+from camserve.sanity import FAILED
 
 SCHEMA_PATH = Path(__file__).with_name("schema") / "response.schema.json"
 MAP_DECIMALS = 4
@@ -38,19 +39,19 @@ def explanation_json(explanation: Explanation) -> dict:
             for index, p in explanation.top()
         ],
         "explained": {
-            **_class_json(explained, model.labels, probabilities, with_maps=False),
+            **_class_json(explained, model, probabilities, with_maps=False),
             "requested": explanation.requested,
         },
         "target_layer": model.target_layer,
         "input_size": list(explanation.image.tensor.shape[-2:]),
         "grad_cam": _map_json(explained),
-        "zero_reference": _zero_reference_json(explained),
+        "zero_reference": _zero_reference_json(explained, model),
     }
     # Every explained class gets its pictures, drawn on one background.
     background = background_of(explanation) if explanation.image.options.images else None
     if explanation.more:
         body["more_explanations"] = [
-            _class_json(other, model.labels, probabilities) for other in explanation.more
+            _class_json(other, model, probabilities) for other in explanation.more
         ]
         if background is not None:
             for entry, other in zip(body["more_explanations"], explanation.more, strict=True):
@@ -61,16 +62,16 @@ def explanation_json(explanation: Explanation) -> dict:
 
 
 def _class_json(
-    explained: ClassExplanation, labels: list[str], probabilities: list[float], with_maps=True
+    explained: ClassExplanation, model: ServedModel, probabilities: list[float], with_maps=True
 ) -> dict:
     body = {
         "index": explained.index,
-        "label": labels[explained.index],
+        "label": model.labels[explained.index],
         "probability": significant(probabilities[explained.index]),
     }
     if with_maps:
         body["grad_cam"] = _map_json(explained)
-        body["zero_reference"] = _zero_reference_json(explained)
+        body["zero_reference"] = _zero_reference_json(explained, model)
     return body
 
 
@@ -85,11 +86,14 @@ def _map_json(explained: ClassExplanation) -> dict:
     }
 
 
-def _zero_reference_json(explained: ClassExplanation) -> dict:
+def _zero_reference_json(explained: ClassExplanation, model: ServedModel) -> dict:
     block = explained.zero_reference
     # The instance dicts, in field order (_significant_block builds new ones):
     # dataclasses.asdict deep-copies, 25x slower.
-    return _significant_block({**vars(block), "worst_case": vars(block.worst_case)})
+    body = _significant_block({**vars(block), "worst_case": vars(block.worst_case)})
+    if model.sanity_failed:  # a model that passed, or was never checked, adds nothing
+        body["sanity"] = FAILED
+    return body
 
 
 def significant(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:

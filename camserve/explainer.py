@@ -35,6 +35,7 @@ from camserve.labels import load_labels, resolve_target
 from camserve.layers import auto_target_layer
 from camserve.preprocess import Preprocessing
 from camserve.request import ParsedRequest, RequestOptions
+from camserve.sanity import SanityResult
 from camserve.sources import source_of_architecture
 from camserve.telemetry import ScoreBaseline
 from camserve.zero_reference import (
@@ -137,6 +138,7 @@ class ServedModel:
     labels: list[str]
     target_layer: str
     preprocessing: Preprocessing
+    sanity_failed: bool = False  # its maps did not depend on its weights (docs/score.md)
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,11 @@ def load_score_baseline(path: str | Path) -> ScoreBaseline | None:
     return ScoreBaseline.from_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
+def load_sanity(path: str | Path) -> SanityResult | None:
+    """The sanity check's result, if the file has one (files older than the check do not)."""
+    return SanityResult.from_calibration(torch.load(path, map_location="cpu", weights_only=True))
+
+
 class Explainer:
     """The pipeline for one model: prepare requests, then explain them in batches.
 
@@ -223,6 +230,7 @@ class Explainer:
     """
 
     score_baseline: ScoreBaseline | None = None  # from_directory sets it for a calibrated model
+    sanity: SanityResult | None = None  # likewise, when the calibration file has a result
 
     def __init__(
         self,
@@ -283,7 +291,22 @@ class Explainer:
         )
         if config.calibration:
             explainer.score_baseline = load_score_baseline(directory / config.calibration)
+            explainer.set_sanity(load_sanity(directory / config.calibration))
+        else:
+            log.info("%s: uncalibrated, so no sanity check result", explainer.served.name)
         return explainer
+
+    def set_sanity(self, result: SanityResult | None) -> None:
+        """Record the sanity check's result: logged, and a failed one marks every answer."""
+        self.sanity = result
+        self.served = replace(self.served, sanity_failed=result is not None and result.failed)
+        name = self.served.name
+        if result is None:
+            log.info("%s: the calibration file holds no sanity check result", name)
+        elif result.failed:
+            log.warning("%s: %s; answers carry sanity: failed", name, result.log_line())
+        else:
+            log.info("%s: %s", name, result.log_line())
 
     @property
     def model(self) -> nn.Module:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from camserve.errors import ERROR_CODES
+from camserve.sanity import SanityResult
 from camserve.zero_reference import ZeroReference
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ SCORE = "camserve_zero_reference_score"
 STAGE_SECONDS = "camserve_stage_duration_seconds"
 BASELINE_SHARE = "camserve_zero_reference_score_baseline_share"
 BASELINE_IMAGES = "camserve_zero_reference_score_baseline_images"
+SANITY_RANK_CORRELATION = "camserve_sanity_rank_correlation"
+SANITY_PASSED = "camserve_sanity_passed"
 # TorchServe's own name (BaseHandler.handle records it; camserve's handler overrides handle).
 HANDLER_TIME = "HandlerTime"
 
@@ -51,6 +54,8 @@ METRICS = {
     COMPENSABLE: "gauge",
     BASELINE_SHARE: "gauge",
     BASELINE_IMAGES: "gauge",
+    SANITY_RANK_CORRELATION: "gauge",
+    SANITY_PASSED: "gauge",
     SCORE: "histogram",
     STAGE_SECONDS: "histogram",
 }
@@ -115,6 +120,12 @@ class ScoreBaseline:
         return cls(shares, int(data["score_baseline_images"]))
 
 
+def sanity_step_label(number: int, stage: str) -> str:
+    """The ``step`` label of a sanity step: its number, zero-padded so that steps sort in
+    order, and the stage it randomised (``02-layer4.2``)."""
+    return class_label_value(f"{number:02d}-{stage}")
+
+
 def class_label_value(label: str) -> str:
     """A class label safe inside TorchServe's metric line (``|#name:value,name:value|``)."""
     return re.sub(r"[,:|#\s]", "_", label) or "_"
@@ -175,18 +186,29 @@ class Telemetry:
                     err,
                 )
 
-    def loaded(self, compensable: bool, baseline: ScoreBaseline | None = None) -> None:
+    def loaded(
+        self,
+        compensable: bool,
+        baseline: ScoreBaseline | None = None,
+        sanity: SanityResult | None = None,
+    ) -> None:
         """At model load: set the gauges and create every counter series at 0.
 
         Without the zeros a series would appear at its first increment, and Prometheus's
         ``rate``/``increase`` cannot see the step from "absent" to 1. Without a ``baseline``
         (an uncalibrated archive) the baseline-images gauge is 0 and no share series exists,
-        so the drift rule has nothing to compare with and stays silent.
+        so the drift rule has nothing to compare with and stays silent. Without a ``sanity``
+        result no sanity series exists, and the sanity alert stays silent.
         """
         self._record(COMPENSABLE, 1.0 if compensable else 0.0)
         self._record(BASELINE_IMAGES, float(baseline.images) if baseline else 0.0)
         for band, share in (baseline.shares if baseline else {}).items():
             self._record(BASELINE_SHARE, share, band)
+        if sanity is not None:
+            self._record(SANITY_PASSED, 0.0 if sanity.failed else 1.0)
+            for number, step in enumerate(sanity.steps, 1):
+                label = sanity_step_label(number, step.stage)
+                self._record(SANITY_RANK_CORRELATION, step.rank_correlation.median, label)
         for requested in REQUESTED_VALUES:
             for name in (EXPLANATIONS, UNSTABLE, EMPTY_MAPS):
                 self._record(name, 0, requested)

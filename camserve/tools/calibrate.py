@@ -10,6 +10,9 @@ A second pass explains the same images (top-1 class, with the new statistics) an
 shares of their zero-reference scores in the ten score bands of ``camserve.telemetry``: the
 baseline that the server exports at load and the drift rule compares live traffic with
 (docs/monitoring.md).
+
+Last, the parameter-randomisation sanity check (``camserve.tools.sanity``) runs on the first
+``sanity_images`` images and its curve and verdict go into the same file.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from camserve.device import model_device
 from camserve.errors import InputError
 from camserve.explainer import Explainer
 from camserve.preprocess import Preprocessing
+from camserve.sanity import SanityResult
 from camserve.telemetry import ScoreBaseline
+from camserve.tools import sanity
 from camserve.tools.archive import MODEL_CONFIG, build_archive
 from camserve.tools.client import image_files
 from camserve.zero_reference import ChannelStatistics
@@ -170,6 +175,7 @@ def save_statistics(
     weights: Path,
     source: str,
     baseline: ScoreBaseline | None = None,
+    sanity_result: SanityResult | None = None,
 ) -> None:
     """Write the calibration file; metadata ties it to the layer and the exact weights."""
     torch.save(
@@ -181,6 +187,7 @@ def save_statistics(
             "weights_sha256": sha256(weights),
             "source": source,
             **(baseline.to_dict() if baseline is not None else {}),
+            **(sanity_result.to_calibration() if sanity_result is not None else {}),
         },
         path,
     )
@@ -200,21 +207,27 @@ def calibrate_model_dir(
     progress: bool = True,
     baseline_images: Iterable[Image.Image] | None = None,
     device: str | torch.device = "cpu",
+    sanity_images: int = sanity.DEFAULT_IMAGES,
+    sanity_seed: int = sanity.DEFAULT_SEED,
 ) -> ChannelStatistics:
     """Compute the statistics for the model in ``model_dir`` on ``device``, write
     ``calibration.pt`` there and name it under ``calibration:`` in its ``model-config.yaml``.
 
     ``baseline_images`` (the same images again: ``images`` is read once) add the score
-    baseline; without them the file has none and the server reports no drift."""
+    baseline; without them the file has none and the server reports no drift. The sanity
+    check runs on the first ``sanity_images`` images, kept preprocessed from the first pass."""
+    if sanity_images < 1:
+        raise ValueError(f"the sanity check needs at least 1 image, got {sanity_images}")
     model_dir = Path(model_dir)
     section = yaml.safe_load((model_dir / MODEL_CONFIG).read_text())["handler"]
     section.pop("calibration", None)  # old statistics play no part (and may be missing)
     explainer = Explainer.from_directory(model_dir, section, device=device)
     config = explainer.config
+    sample: list[Tensor] = []
     statistics = activation_statistics(
         explainer.model,
         explainer.gradcam.layer_name,  # the layer's (N, C, h, w) grid (camserve.grid)
-        batched(images, config.preprocessing, batch_size),
+        _keeping(batched(images, config.preprocessing, batch_size), sample, sanity_images),
         total_images,
         progress,
     )
@@ -225,19 +238,30 @@ def calibrate_model_dir(
             device=explainer.device,
         )  # fmt: skip
         baseline = score_baseline(calibrated, baseline_images, batch_size, total_images, progress)
+    # The maps do not depend on the reference: the uncalibrated explainer serves as well.
+    checked = sanity.run_check(explainer, sample, sanity_seed, batch_size=batch_size,
+                               progress=progress)  # fmt: skip
     save_statistics(
         statistics, model_dir / CALIBRATION_FILE, config.target_layer, model_dir / config.weights,
-        source, baseline,
+        source, baseline, checked,
     )  # fmt: skip
     _name_calibration_in_config(model_dir / MODEL_CONFIG)
     log.info(
-        "calibrated %s at %r on %d images (%s)",
+        "calibrated %s at %r on %d images (%s); %s",
         model_dir,
         config.target_layer,
         statistics.count,
         source,
+        checked.log_line(),
     )
     return statistics
+
+
+def _keeping(batches: Iterable[Tensor], kept: list[Tensor], count: int) -> Iterator[Tensor]:
+    """Pass ``batches`` through, keeping their first ``count`` images in ``kept``."""
+    for batch in batches:
+        kept.extend(batch[: max(0, count - len(kept))].unbind())
+        yield batch
 
 
 def _name_calibration_in_config(path: Path) -> None:
