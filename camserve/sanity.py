@@ -119,9 +119,7 @@ class SanityResult:
         return self.to_dict()
 
     def log_line(self) -> str:
-        curve = ", ".join(
-            f"{step.stage} {step.rank_correlation.median:.2f}" for step in self.steps
-        )
+        curve = ", ".join(f"{step.stage} {step.rank_correlation.median:.2f}" for step in self.steps)
         return (
             f"sanity check {self.verdict}: median rank correlation with the trained model's "
             f"maps after each randomisation step ({self.images} images, seed {self.seed}): "

@@ -215,9 +215,10 @@ def calibrate_model_dir(
 
     ``baseline_images`` (the same images again: ``images`` is read once) add the score
     baseline; without them the file has none and the server reports no drift. The sanity
-    check runs on the first ``sanity_images`` images, kept preprocessed from the first pass."""
-    if sanity_images < 1:
-        raise ValueError(f"the sanity check needs at least 1 image, got {sanity_images}")
+    check runs on the first ``sanity_images`` images, kept preprocessed from the first pass
+    (0 skips it: only benchmarks do, to time calibrate without it)."""
+    if sanity_images < 0:
+        raise ValueError(f"sanity_images must be at least 0, got {sanity_images}")
     model_dir = Path(model_dir)
     section = yaml.safe_load((model_dir / MODEL_CONFIG).read_text())["handler"]
     section.pop("calibration", None)  # old statistics play no part (and may be missing)
@@ -239,8 +240,11 @@ def calibrate_model_dir(
         )  # fmt: skip
         baseline = score_baseline(calibrated, baseline_images, batch_size, total_images, progress)
     # The maps do not depend on the reference: the uncalibrated explainer serves as well.
-    checked = sanity.run_check(explainer, sample, sanity_seed, batch_size=batch_size,
-                               progress=progress)  # fmt: skip
+    checked = (
+        sanity.run_check(explainer, sample, sanity_seed, batch_size=batch_size, progress=progress)
+        if sample
+        else None
+    )
     save_statistics(
         statistics, model_dir / CALIBRATION_FILE, config.target_layer, model_dir / config.weights,
         source, baseline, checked,
@@ -252,7 +256,7 @@ def calibrate_model_dir(
         config.target_layer,
         statistics.count,
         source,
-        checked.log_line(),
+        checked.log_line() if checked else "no sanity check",
     )
     return statistics
 

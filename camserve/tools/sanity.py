@@ -239,6 +239,7 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     na, nb = ra.norm(dim=-1), rb.norm(dim=-1)
     both = (na > 0) & (nb > 0)
     rho = (ra * rb).sum(dim=-1) / torch.where(both, na * nb, torch.ones_like(na))
+    rho = rho.clamp(-1.0, 1.0)  # rounding can step past 1 for identical rankings
     neither = (na == 0) & (nb == 0)
     return torch.where(both, rho, neither.double())
 
