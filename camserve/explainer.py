@@ -320,6 +320,8 @@ class Explainer:
             "classes": len(self.labels),
             "reference": "calibration_mean" if self.calibration is not None else "image_mean",
             "compensable": self.compensation.compensable,
+            # The parameter-randomisation check of calibrate; None: never checked.
+            "sanity": self.sanity.describe() if self.sanity is not None else None,
         }
 
     @property

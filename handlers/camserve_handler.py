@@ -49,7 +49,9 @@ class CamServeHandler(BaseHandler):
             self.explainer.labels if self.explainer.config.class_metrics else None,
         )
         self.telemetry.loaded(
-            self.explainer.compensation.compensable, self.explainer.score_baseline
+            self.explainer.compensation.compensable,
+            self.explainer.score_baseline,
+            self.explainer.sanity,
         )
         self.max_response_size, source = internals.max_response_size(
             config_path=internals.frontend_config_path()

@@ -120,9 +120,17 @@ def test_calibrate_command_on_a_model_dir(uncalibrated_shapes, tmp_path, capsys)
     images.mkdir()
     for i in range(3):
         held_out(i).image.save(images / f"{i}.png")
-    assert camserve(["calibrate", "--model-dir", str(uncalibrated_shapes), str(images)]) == 0
-    assert "(3 images)" in capsys.readouterr().out
-    assert Explainer.from_directory(uncalibrated_shapes).calibration.count == 3
+    command = ["calibrate", "--model-dir", str(uncalibrated_shapes), str(images)]
+    assert camserve([*command, "--sanity-images", "2", "--sanity-seed", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "(3 images)" in out and "sanity check passed" in out
+    calibrated = Explainer.from_directory(uncalibrated_shapes)
+    assert calibrated.calibration.count == 3
+    # The check's result is in the file: the first 2 images, seed 7, one step per stage.
+    assert calibrated.sanity.images == 2 and calibrated.sanity.seed == 7
+    assert [step.stage for step in calibrated.sanity.steps][0] == "classifier"
+    assert camserve([*command, "--sanity-images", "0"]) == 2
+    assert "--sanity-images must be at least 1" in capsys.readouterr().err
     assert camserve(["calibrate", "--model-dir", str(uncalibrated_shapes)]) == 2
     assert "give a folder of calibration images" in capsys.readouterr().err
     # Statistics of one layer are refused for another.

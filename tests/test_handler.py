@@ -140,10 +140,18 @@ def test_the_description_carries_the_v2_metadata_and_camserves_facts(handler):
     [description] = handler.handle([{}], context)
     described = json.loads(description)
     assert described["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [1]}]
-    assert described["camserve"] == {
+    facts = described["camserve"]
+    sanity = facts.pop("sanity")
+    assert facts == {
         "target_layer": "features", "input_size": [64, 64], "classes": 6,
         "reference": "calibration_mean", "compensable": True,
     }  # fmt: skip
+    # The shipped calibration file's sanity check, whole: verdict, threshold, seed, curve.
+    assert sanity == handler.explainer.sanity.to_dict() and sanity["verdict"] == "passed"
+    assert [step["stage"] for step in sanity["steps"]][:2] == [
+        "classifier",
+        "features.12+features.13",
+    ]
 
 
 def _metric_counts(caplog, name: str, label: str) -> Counter:

@@ -180,8 +180,9 @@ def test_recorder_emits_what_torchserve_accepts(shapes_explainer, caplog):
     prepared = shapes_explainer.prepare_image(held_out(0).image)
     [result] = shapes_explainer.explain([prepared])
     baseline = telemetry.ScoreBaseline.from_scores([0.05, 0.15, 0.15, 1.0])
+    sanity = shapes_explainer.sanity  # the shipped calibration file's result
     with caplog.at_level(logging.INFO):
-        recorder.loaded(True, baseline)
+        recorder.loaded(True, baseline, sanity)
         with recorder.handling():
             recorder.explained_batch([(result.explained.zero_reference, None, False)])
             recorder.explained_batch(
@@ -203,6 +204,7 @@ def test_recorder_emits_what_torchserve_accepts(shapes_explainer, caplog):
         assert labels["ModelName"] == MODEL and labels["Level"] == "Model"
         assert kind == telemetry.RECORDED[name].upper()
         label = labels.get("reason") or labels.get("band") or labels.get("stage")
+        label = label or labels.get("step")
         emitted[(name, label, labels.get("requested"))] += float(value)
     # loaded(): every counter series exists at 0, the gauges are set.
     assert emitted[(telemetry.COMPENSABLE, None, None)] == 1.0
@@ -233,11 +235,19 @@ def test_recorder_emits_what_torchserve_accepts(shapes_explainer, caplog):
     shares = {key[1]: emitted[key] for key in emitted if key[0] == telemetry.BASELINE_SHARE}
     assert shares == {**dict.fromkeys(telemetry.SCORE_BANDS, 0.0), "0.0-0.1": 0.25,
                       "0.1-0.2": 0.5, "0.9-1.0": 0.25}  # fmt: skip
+    # The sanity check: the verdict, and the median rank correlation after each step.
+    assert emitted[(telemetry.SANITY_PASSED, None, None)] == 1.0
+    steps = {key[1]: emitted[key] for key in emitted if key[0] == telemetry.SANITY_RANK_CORRELATION}
+    assert steps == {
+        telemetry.sanity_step_label(number, step.stage): pytest.approx(step.rank_correlation.median)
+        for number, step in enumerate(sanity.steps, 1)
+    }
+    assert "02-features.12+features.13" in steps
     # HandlerTime, which TorchServe's metrics.yaml declares, in ms.
     assert 0 < emitted[(telemetry.HANDLER_TIME, None, None)] < 60_000
 
 
-def test_without_a_baseline_no_share_series_and_zero_images(caplog):
+def test_without_a_baseline_or_a_sanity_result_no_such_series(caplog):
     cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
     cache.initialize_cache()
     with caplog.at_level(logging.INFO):
@@ -246,6 +256,10 @@ def test_without_a_baseline_no_share_series_and_zero_images(caplog):
     assert emitted[(telemetry.BASELINE_IMAGES, None)] == 0
     assert (telemetry.BASELINE_IMAGES, None) in emitted
     assert not [key for key in emitted if key[0] == telemetry.BASELINE_SHARE]
+    # No sanity result (an uncalibrated archive, an older calibration file): no sanity series,
+    # so the sanity alert has nothing to fire on.
+    sanity_metrics = (telemetry.SANITY_PASSED, telemetry.SANITY_RANK_CORRELATION)
+    assert not [key for key in emitted if key[0] in sanity_metrics]
 
 
 def test_score_baseline_round_trip_and_validation():
@@ -558,13 +572,14 @@ def prometheus(server, tmp_path_factory):
 
 
 def snapshot(prometheus) -> dict[tuple[str, str | None, str | None], float]:
-    """(metric, stage/reason/band/class/le label, requested) -> value, for every camserve
+    """(metric, stage/reason/band/class/le/step label, requested) -> value, for every camserve
     series of the model."""
     values = {}
     for series in prometheus.query(f'{{__name__=~"camserve_.*", ModelName="{MODEL}"}}'):
         labels = series["metric"]
         key = next(
-            (labels[k] for k in ("stage", "reason", "band", "class", "le") if k in labels), None
+            (labels[k] for k in ("stage", "reason", "band", "class", "le", "step") if k in labels),
+            None,
         )
         values[(labels["__name__"], key, labels.get("requested"))] = float(series["value"][1])
     return values
@@ -647,6 +662,12 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
     assert before.get((telemetry.COMPENSABLE, None, None)) == float(
         shapes_explainer.compensation.compensable
     )
+    # The shipped sanity check's verdict and curve, exported once at load.
+    assert before.get((telemetry.SANITY_PASSED, None, None)) == 1.0
+    for number, step in enumerate(shapes_explainer.sanity.steps, 1):
+        label = telemetry.sanity_step_label(number, step.stage)
+        gauge = before.get((telemetry.SANITY_RANK_CORRELATION, label, None))
+        assert gauge == pytest.approx(step.rank_correlation.median, abs=1e-4)
     for kwargs, expected in zip(explained, expected_results, strict=True):
         response = post(server, **kwargs)
         assert response.status_code == 200, response.text

@@ -6,9 +6,13 @@ construction, and the result's trip through the calibration file into the answer
 from __future__ import annotations
 
 import copy
+import json
+import re
+from pathlib import Path
 
 import jsonschema
 import pytest
+import requests
 import scipy.stats
 import skimage.metrics
 import torch
@@ -19,6 +23,7 @@ from camserve.explainer import Explainer, ExplainerConfig
 from camserve.maps import grad_cam
 from camserve.request import RequestOptions
 from camserve.sanity import FAILED, PASSED, SanityResult
+from camserve.tools.cli import main as camserve
 from camserve.tools.sanity import (
     DEFAULT_THRESHOLD,
     randomisation_stages,
@@ -28,11 +33,13 @@ from camserve.tools.sanity import (
     spearman,
     ssim,
 )
+from harness.local_torchserve import LocalTorchServe
 from harness.shapes.dataset import TRAIN_SEED, render_sample
-from tests.conftest import held_out
+from tests.conftest import CONFIG, held_out, png_bytes
 from tests.fixed_path_net import FixedPathNet
 
 SIZE = (64, 64)
+FIXED_PATH_NET = Path(__file__).with_name("fixed_path_net.py")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -232,3 +239,74 @@ def test_the_result_round_trips_through_a_weights_only_file(shapes_explainer, te
     loaded = torch.load(tmp_path / "c.pt", weights_only=True)
     assert SanityResult.from_calibration(loaded) == result
     assert SanityResult.from_calibration({"mean": torch.zeros(3)}) is None  # an older file
+
+
+def _gauges(text: str, name: str) -> dict[str, float]:
+    """``name``'s samples on a Prometheus text page: label string -> value."""
+    found = {}
+    for line in text.splitlines():
+        match = re.match(rf"{name}\{{(.*)\}} (\S+)$", line)
+        if match:
+            found[match.group(1)] = float(match.group(2))
+    return found
+
+
+@pytest.mark.integration
+def test_a_failing_archive_serves_marked_described_and_exported(tmp_path, capsys):
+    """The user's path on a real TorchServe: archive a model file, calibrate it with the CLI
+    (the check fails, measured), serve it, post bytes. Every answer says so, the metrics
+    endpoint exports the gauges, the description holds the curve, the worker logs it."""
+    torch.manual_seed(0)
+    weights, labels = tmp_path / "fixed.pth", tmp_path / "labels.txt"
+    torch.save(FixedPathNet().state_dict(), weights)
+    labels.write_text("\n".join(f"class {i}" for i in range(6)))
+    store = tmp_path / "store"
+    assert camserve([
+        "archive", "--model-file", str(FIXED_PATH_NET), "--model-class", "FixedPathNet",
+        "--weights", str(weights), "--labels", str(labels), "--input-size", "64",
+        "--target-layer", "features", "--name", "fixed", "--export-path", str(store),
+    ]) == 0  # fmt: skip
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        held_out(i).image.save(images / f"{i}.png")
+    assert camserve(["calibrate", str(store / "fixed.mar"), str(images)]) == 0
+    assert "sanity check failed" in capsys.readouterr().out
+
+    server = LocalTorchServe.on_free_ports(
+        tmp_path / "ts", CONFIG, store, models="fixed=fixed_calibrated.mar"
+    )
+    try:
+        server.start(wait_for="fixed")
+        response = requests.post(
+            f"{server.inference_url}/predictions/fixed",
+            data=png_bytes(held_out(9).image),
+            headers={**server.auth(), "Content-Type": "image/png"},
+            timeout=60,
+        )
+        metrics = requests.get(f"{server.metrics_url}/metrics", timeout=30).text
+        described = requests.get(
+            f"{server.management_url}/models/fixed?customized=true",
+            headers=server.auth("management"),
+            timeout=60,
+        )
+        logged = server.wait_for_log("sanity check failed")
+    finally:
+        server.stop()
+    assert response.status_code == 200, response.text
+    body = response.json()
+    jsonschema.Draft202012Validator(load_schema()).validate(body)
+    assert body["zero_reference"]["sanity"] == FAILED
+    assert list(_gauges(metrics, "camserve_sanity_passed").values()) == [0.0]
+    steps = {
+        re.search(r'step="([^"]+)"', labels).group(1): value
+        for labels, value in _gauges(metrics, "camserve_sanity_rank_correlation").items()
+    }
+    assert steps == {"01-head": pytest.approx(1.0), "02-colour": pytest.approx(1.0)}
+    assert described.status_code == 200, described.text
+    metadata = described.json()[0]["customizedMetadata"]
+    metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
+    sanity = metadata["camserve"]["sanity"]
+    assert sanity["verdict"] == FAILED and sanity["images"] == 4
+    assert [step["stage"] for step in sanity["steps"]] == ["head", "colour"]
+    assert logged

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from camserve.decode import decode_image
 from camserve.device import model_device
 from camserve.errors import InputError
-from camserve.explainer import Explainer
+from camserve.explainer import Explainer, load_sanity
 from camserve.preprocess import Preprocessing
 from camserve.sanity import SanityResult
 from camserve.telemetry import ScoreBaseline
@@ -286,9 +286,12 @@ def calibrate_archive(
     skip_unreadable: bool = False,
     progress: bool = True,
     device: str | torch.device = "cpu",
-) -> tuple[Path, ChannelStatistics]:
+    sanity_images: int = sanity.DEFAULT_IMAGES,
+    sanity_seed: int = sanity.DEFAULT_SEED,
+) -> tuple[Path, ChannelStatistics, SanityResult | None]:
     """Calibrate ``archive`` on the images under ``image_folder`` and write a new archive
-    (default: ``<name>_calibrated.mar`` next to the input); returns its path and the stats."""
+    (default: ``<name>_calibrated.mar`` next to the input); returns its path, the statistics
+    and the sanity check's result."""
     archive = Path(archive)
     if not archive.is_file():
         raise FileNotFoundError(f"archive {archive} does not exist")
@@ -320,6 +323,9 @@ def calibrate_archive(
             progress=progress,
             baseline_images=read_images(files, max_pixels, skip_unreadable),
             device=device,
+            sanity_images=sanity_images,
+            sanity_seed=sanity_seed,
         )
+        checked = load_sanity(unpacked / CALIBRATION_FILE)
         version = manifest["model"].get("modelVersion", "1.0")
-        return build_archive(unpacked, name, export_path, version), statistics
+        return build_archive(unpacked, name, export_path, version), statistics, checked

@@ -108,7 +108,15 @@ def _size(text: str) -> int | tuple[int, int]:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from camserve.tools import calibrate
+    from camserve.explainer import load_sanity
+    from camserve.tools import calibrate, sanity
+
+    if args.sanity_images is None:
+        args.sanity_images = sanity.DEFAULT_IMAGES
+    if args.sanity_images < 1:
+        raise ValueError(f"--sanity-images must be at least 1, got {args.sanity_images}")
+    if args.sanity_seed is None:
+        args.sanity_seed = sanity.DEFAULT_SEED
 
     if args.model_dir is not None and args.images is None and args.archive is not None:
         args.images, args.archive = args.archive, None  # calibrate --model-dir DIR IMAGES
@@ -123,11 +131,13 @@ def _calibrate(args: argparse.Namespace) -> int:
             args.model_dir, images, f"{len(files)} files under {args.images}", len(files),
             args.batch_size,
             baseline_images=calibrate.read_images(files, args.max_pixels, args.skip_unreadable),
-            device=args.device,
+            device=args.device, sanity_images=args.sanity_images, sanity_seed=args.sanity_seed,
         )  # fmt: skip
-        print(f"wrote {args.model_dir / calibrate.CALIBRATION_FILE} ({stats.count} images)")
+        written = args.model_dir / calibrate.CALIBRATION_FILE
+        _print_sanity(load_sanity(written))
+        print(f"wrote {written} ({stats.count} images)")
         return 0
-    path, stats = calibrate.calibrate_archive(
+    path, stats, checked = calibrate.calibrate_archive(
         args.archive,
         args.images,
         export_path=args.export_path,
@@ -136,9 +146,18 @@ def _calibrate(args: argparse.Namespace) -> int:
         limit=args.limit,
         skip_unreadable=args.skip_unreadable,
         device=args.device,
+        sanity_images=args.sanity_images,
+        sanity_seed=args.sanity_seed,
     )
+    _print_sanity(checked)
     print(f"calibrated on {stats.count} images; wrote {path}")
     return 0
+
+
+def _print_sanity(result) -> None:
+    """The sanity check's one-line summary (``camserve.sanity.SanityResult``), if any."""
+    if result is not None:
+        print(result.log_line())
 
 
 def _kserve_bundle(args: argparse.Namespace) -> int:
@@ -372,6 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--max-pixels", type=int, default=40_000_000)
     calibrate.add_argument(
         "--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1 (default cpu)"
+    )
+    calibrate.add_argument(
+        "--sanity-images", type=int,
+        help="images of the sanity check: the first of the calibration images (default 64)",
+    )  # fmt: skip
+    calibrate.add_argument(
+        "--sanity-seed", type=int, help="seed of its re-initialisation (default 0)"
     )
     calibrate.set_defaults(run=_calibrate)
 
