@@ -3,7 +3,7 @@
 in one run (the order alternates per round), on the torch threads given.
 
 python -m bench.sanity_cost                       # 3 rounds, writes bench/results/
-python -m bench.sanity_cost --rounds 1 --images 8 --no-write   # a smoke run
+python -m bench.sanity_cost --arch shapes --rounds 1 --images 8 --out /tmp   # a smoke run
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from bench.e2e import jpeg_images, torchvision_dir
+from bench.e2e import jpeg_images, model_dir
 from bench.run import RESULTS, machine
+from camserve.explainer import load_sanity
 from camserve.sanity import SanityResult
 from camserve.tools import sanity
 from camserve.tools.calibrate import (
@@ -34,8 +35,11 @@ from camserve.tools.calibrate import (
 TARGET_RATIO = 2.0  # issue 23: the check may at most double calibrate's time
 
 
-def calibrate_once(source: Path, work: Path, files: list[Path], sanity_images: int) -> float:
-    """Seconds for one ``calibrate_model_dir`` run on a fresh copy of ``source``."""
+def calibrate_once(
+    source: Path, work: Path, files: list[Path], sanity_images: int
+) -> tuple[float, SanityResult | None]:
+    """Seconds for one ``calibrate_model_dir`` run on a fresh copy of ``source``, and the
+    sanity check's result it wrote."""
     folder = work / f"run-{time.monotonic_ns()}"
     shutil.copytree(source, folder)
     start = time.perf_counter()
@@ -44,37 +48,36 @@ def calibrate_once(source: Path, work: Path, files: list[Path], sanity_images: i
         baseline_images=read_images(files, 40_000_000), sanity_images=sanity_images,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    if sanity_images:
-        calibrate_once.result = torch.load(folder / CALIBRATION_FILE, weights_only=True)
+    result = load_sanity(folder / CALIBRATION_FILE)
     shutil.rmtree(folder)
-    return seconds
+    return seconds, result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--arch", default="resnet50", help="resnet50 (random weights) or shapes")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--sanity-images", type=int, default=sanity.DEFAULT_IMAGES)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = datetime.datetime.now(datetime.UTC)
     with tempfile.TemporaryDirectory(prefix="camserve-sanity-bench-") as tmp:
         work = Path(tmp)
-        source = torchvision_dir(args.arch, work)
+        source = model_dir(args.arch, work)
         (work / "images").mkdir()
         jpeg_images(work / "images", 256, args.images)
         files = image_files(work / "images")
         rounds = []
         for number in range(args.rounds):
             order = [0, args.sanity_images] if number % 2 == 0 else [args.sanity_images, 0]
-            seconds = {count: calibrate_once(source, work, files, count) for count in order}
-            rounds.append({"without_s": seconds[0], "with_s": seconds[args.sanity_images]})
+            runs = {count: calibrate_once(source, work, files, count) for count in order}
+            result = runs[args.sanity_images][1]
+            rounds.append({"without_s": runs[0][0], "with_s": runs[args.sanity_images][0]})
             print(f"round {number + 1}: {rounds[-1]}", file=sys.stderr)
     ratios = [r["with_s"] / r["without_s"] for r in rounds]
-    result = SanityResult.from_calibration(calibrate_once.result)
     report = {
         "what": __doc__.splitlines()[0],
         "command": "python -m bench.sanity_cost " + " ".join(argv or sys.argv[1:]),
@@ -92,12 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         },
         "sanity_result": result.to_dict() if result else None,
     }
-    print(json.dumps(report, indent=2))
-    if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"{started.date()}-sanity-cost-{args.arch}.json"
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {path}", file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{started.date()}-sanity-cost-{args.arch}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"ratio {report['ratio_with_to_without']['median']}; wrote {path}", file=sys.stderr)
     return 0
 
 

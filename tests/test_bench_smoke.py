@@ -30,3 +30,17 @@ def test_bench_smoke_run_writes_results_and_chart(tmp_path):
     assert set(results["encode"]["shapes"]) == {"json_only", "with_png"}
     assert results["verdicts"]
     assert set(results["decode"]["ratio_to_full"]) == {"full_decode", "reduced_scale_decode"}
+
+
+def test_sanity_cost_smoke_run_writes_the_ratio_and_the_curve(tmp_path):
+    from bench import sanity_cost
+
+    argv = ["--arch", "shapes", "--images", "4", "--sanity-images", "2", "--rounds", "1"]
+    assert sanity_cost.main([*argv, "--out", str(tmp_path)]) == 0
+    [result_file] = tmp_path.glob("*-sanity-cost-shapes.json")
+    results = json.loads(result_file.read_text())
+    assert results["machine"]["logical_cores"] >= 1 and "bench.sanity_cost" in results["command"]
+    [timed] = results["rounds"]
+    assert timed["with_s"] > 0 and timed["without_s"] > 0
+    assert results["ratio_with_to_without"]["median"] > 0
+    assert results["sanity_result"]["images"] == 2 and results["sanity_result"]["steps"]

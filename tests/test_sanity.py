@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 from pathlib import Path
 
 import jsonschema
@@ -23,6 +24,7 @@ from camserve.explainer import Explainer, ExplainerConfig
 from camserve.maps import grad_cam
 from camserve.request import RequestOptions
 from camserve.sanity import FAILED, PASSED, SanityResult
+from camserve.tools.calibrate import CALIBRATION_FILE
 from camserve.tools.cli import main as camserve
 from camserve.tools.sanity import (
     DEFAULT_THRESHOLD,
@@ -35,7 +37,7 @@ from camserve.tools.sanity import (
 )
 from harness.local_torchserve import LocalTorchServe
 from harness.shapes.dataset import TRAIN_SEED, render_sample
-from tests.conftest import CONFIG, held_out, png_bytes
+from tests.conftest import CONFIG, SHAPES_DIR, held_out, png_bytes
 from tests.fixed_path_net import FixedPathNet
 
 SIZE = (64, 64)
@@ -239,6 +241,21 @@ def test_the_result_round_trips_through_a_weights_only_file(shapes_explainer, te
     loaded = torch.load(tmp_path / "c.pt", weights_only=True)
     assert SanityResult.from_calibration(loaded) == result
     assert SanityResult.from_calibration({"mean": torch.zeros(3)}) is None  # an older file
+
+
+def test_an_older_calibration_file_loads_and_serves_without_a_result(tmp_path):
+    """A calibration file written before the check existed: calibration_mean as before, no
+    sanity result, nothing in the answers, None in the description."""
+    folder = tmp_path / "shapes"
+    shutil.copytree(SHAPES_DIR, folder)
+    data = torch.load(folder / CALIBRATION_FILE, weights_only=True)
+    del data["sanity"]
+    torch.save(data, folder / CALIBRATION_FILE)
+    explainer = Explainer.from_directory(folder)
+    assert explainer.sanity is None and explainer.describe()["sanity"] is None
+    [answer] = explainer.explain([explainer.prepare_image(held_out(0).image)])
+    block = explanation_json(answer)["zero_reference"]
+    assert block["reference"] == "calibration_mean" and "sanity" not in block
 
 
 def _gauges(text: str, name: str) -> dict[str, float]:
