@@ -31,6 +31,16 @@ def archive_with(store: Path, work: Path, **model_config) -> Path:
     return store
 
 
+def post_png(server: LocalTorchServe, model: str, png: bytes) -> requests.Response:
+    """PNG bytes posted to ``/predictions/<model>`` with the inference token."""
+    return requests.post(
+        f"{server.inference_url}/predictions/{model}",
+        data=png,
+        headers={**server.auth(), "Content-Type": "image/png"},
+        timeout=60,
+    )
+
+
 def worker_processes(server: LocalTorchServe) -> list[psutil.Process]:
     """The Python model workers: children of TorchServe's Java frontend."""
     root = psutil.Process(server.process.pid)

@@ -8,7 +8,6 @@ import zipfile
 
 import jsonschema
 import pytest
-import requests
 import torch
 import torchvision
 import yaml
@@ -27,6 +26,7 @@ from camserve.tools.calibrate import (
 from camserve.tools.cli import main as camserve
 from harness.local_torchserve import LocalTorchServe
 from tests.conftest import CONFIG, SHAPES_DIR, held_out, png_bytes
+from tests.live import post_png
 from tests.oracles import oracle
 
 
@@ -199,12 +199,7 @@ def test_archive_and_calibrate_then_serve(tmp_path, capsys):
     )
     try:
         server.start(wait_for="r18")
-        response = requests.post(
-            f"{server.inference_url}/predictions/r18",
-            data=png_bytes(image),
-            headers=server.auth(),
-            timeout=60,
-        )
+        response = post_png(server, "r18", png_bytes(image))
     finally:
         server.stop()
     assert response.status_code == 200, response.text

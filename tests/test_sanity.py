@@ -39,18 +39,11 @@ from harness.local_torchserve import LocalTorchServe
 from harness.shapes.dataset import TRAIN_SEED, render_sample
 from tests.conftest import CONFIG, SHAPES_DIR, held_out, png_bytes
 from tests.fixed_path_net import FixedPathNet
+from tests.live import post_png
+from tests.test_architectures import _one_thread  # noqa: F401 - autouse here too
 
 SIZE = (64, 64)
 FIXED_PATH_NET = Path(__file__).with_name("fixed_path_net.py")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small inputs: one thread is faster on a shared 2-core machine (see test_architectures)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -295,12 +288,7 @@ def test_a_failing_archive_serves_marked_described_and_exported(tmp_path, capsys
     )
     try:
         server.start(wait_for="fixed")
-        response = requests.post(
-            f"{server.inference_url}/predictions/fixed",
-            data=png_bytes(held_out(9).image),
-            headers={**server.auth(), "Content-Type": "image/png"},
-            timeout=60,
-        )
+        response = post_png(server, "fixed", png_bytes(held_out(9).image))
         metrics = requests.get(f"{server.metrics_url}/metrics", timeout=30).text
         described = requests.get(
             f"{server.management_url}/models/fixed?customized=true",
