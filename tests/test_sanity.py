@@ -24,7 +24,7 @@ from camserve.explainer import Explainer, ExplainerConfig
 from camserve.maps import grad_cam
 from camserve.request import RequestOptions
 from camserve.sanity import FAILED, PASSED, SanityResult
-from camserve.tools.calibrate import CALIBRATION_FILE
+from camserve.tools.calibrate import CALIBRATION_FILE, calibrate_model_dir
 from camserve.tools.cli import main as camserve
 from camserve.tools.sanity import (
     DEFAULT_THRESHOLD,
@@ -234,6 +234,24 @@ def test_the_result_round_trips_through_a_weights_only_file(shapes_explainer, te
     loaded = torch.load(tmp_path / "c.pt", weights_only=True)
     assert SanityResult.from_calibration(loaded) == result
     assert SanityResult.from_calibration({"mean": torch.zeros(3)}) is None  # an older file
+
+
+def test_calibrate_writes_the_same_result_with_or_without_the_baseline_pass(
+    shapes_explainer, tmp_path
+):
+    """With a baseline pass calibrate takes the trained maps from it; without, the check
+    makes its own. Both give what run_check gives on the first images."""
+    folder = tmp_path / "shapes"
+    shutil.copytree(SHAPES_DIR, folder, ignore=shutil.ignore_patterns(CALIBRATION_FILE))
+    images = [held_out(index).image for index in range(6)]
+    preprocessing = shapes_explainer.config.preprocessing
+    expected = run_check(shapes_explainer, [preprocessing(i) for i in images[:4]], progress=False)
+    for baseline_images in (iter(images), None):
+        calibrate_model_dir(
+            folder, iter(images), "test", 6, 4, False, baseline_images=baseline_images,
+            sanity_images=4,
+        )  # fmt: skip
+        assert Explainer.from_directory(folder).sanity == expected
 
 
 def test_an_older_calibration_file_loads_and_serves_without_a_result(tmp_path):

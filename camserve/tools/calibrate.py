@@ -23,7 +23,7 @@ import json
 import logging
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from tqdm import tqdm
 from camserve.decode import decode_image
 from camserve.device import model_device
 from camserve.errors import InputError
-from camserve.explainer import Explainer, load_sanity
+from camserve.explainer import Explainer, Explanation, load_sanity
 from camserve.preprocess import Preprocessing
 from camserve.sanity import SanityResult
 from camserve.telemetry import ScoreBaseline
@@ -154,8 +154,10 @@ def score_baseline(
     batch_size: int = 32,
     total_images: int | None = None,
     progress: bool = True,
+    on_batch: Callable[[list[Explanation]], None] | None = None,
 ) -> ScoreBaseline:
-    """The top-1 zero-reference scores of ``images`` as shares of the telemetry's bands."""
+    """The top-1 zero-reference scores of ``images`` as shares of the telemetry's bands;
+    ``on_batch`` sees each batch's explanations."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     scores: list[float] = []
@@ -164,6 +166,8 @@ def score_baseline(
         while batch := list(itertools.islice(iterator, batch_size)):
             explained = explainer.explain([explainer.prepare_image(image) for image in batch])
             scores += [item.explained.zero_reference.score for item in explained]
+            if on_batch is not None:
+                on_batch(explained)
             bar.update(len(batch))
     return ScoreBaseline.from_scores(scores)
 
@@ -215,8 +219,9 @@ def calibrate_model_dir(
 
     ``baseline_images`` (the same images again: ``images`` is read once) add the score
     baseline; without them the file has none and the server reports no drift. The sanity
-    check runs on the first ``sanity_images`` images, kept preprocessed from the first pass
-    (0 skips it: only benchmarks do, to time calibrate without it)."""
+    check runs on the first ``sanity_images`` images, with their trained maps from the
+    baseline's pass (without one, from the first pass and a pass of its own); 0 skips it: only
+    benchmarks do, to time calibrate without it."""
     if sanity_images < 0:
         raise ValueError(f"sanity_images must be at least 0, got {sanity_images}")
     model_dir = Path(model_dir)
@@ -225,26 +230,40 @@ def calibrate_model_dir(
     explainer = Explainer.from_directory(model_dir, section, device=device)
     config = explainer.config
     sample: list[Tensor] = []
+    keep = 0 if baseline_images is not None else sanity_images
     statistics = activation_statistics(
         explainer.model,
         explainer.gradcam.layer_name,  # the layer's (N, C, h, w) grid (camserve.grid)
-        _keeping(batched(images, config.preprocessing, batch_size), sample, sanity_images),
+        _keeping(batched(images, config.preprocessing, batch_size), sample, keep),
         total_images,
         progress,
     )
-    baseline = None
+    baseline, trained = None, None
     if baseline_images is not None:
         calibrated = Explainer(
             explainer.model, explainer.labels, config, statistics, explainer.compensation,
             device=explainer.device,
         )  # fmt: skip
-        baseline = score_baseline(calibrated, baseline_images, batch_size, total_images, progress)
-    # The maps do not depend on the reference: the uncalibrated explainer serves as well.
+        # The top-1 maps of this pass are the sanity check's trained maps: the reference
+        # changes the score, never the map.
+        explained: list[Explanation] = []
+        baseline = score_baseline(
+            calibrated, baseline_images, batch_size, total_images, progress,
+            on_batch=lambda batch: explained.extend(batch[: sanity_images - len(explained)]),
+        )  # fmt: skip
+        sample = [item.image.tensor for item in explained]
+        trained = (
+            torch.stack([item.explained.signed_map for item in explained]),
+            [item.explained.index for item in explained],
+        ) if explained else None  # fmt: skip
     checked = (
-        sanity.run_check(explainer, sample, sanity_seed, batch_size=batch_size, progress=progress)
+        sanity.run_check(
+            explainer, sample, sanity_seed, batch_size=batch_size, progress=progress,
+            trained=trained,
+        )
         if sample
         else None
-    )
+    )  # fmt: skip
     save_statistics(
         statistics, model_dir / CALIBRATION_FILE, config.target_layer, model_dir / config.weights,
         source, baseline, checked,

@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     calibrate.add_argument(
         "--sanity-images", type=int,
-        help="images of the sanity check: the first of the calibration images (default 64)",
+        help="images of the sanity check: the first of the calibration images (default 48)",
     )  # fmt: skip
     calibrate.add_argument(
         "--sanity-seed", type=int, help="seed of its re-initialisation (default 0)"

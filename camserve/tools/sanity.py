@@ -47,7 +47,7 @@ from camserve.sanity import FAILED, PASSED, SanityResult, SanityStep, Spread
 log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 0
-DEFAULT_IMAGES = 64
+DEFAULT_IMAGES = 48
 # The verdict: "failed" when the median rank correlation of the Grad-CAM maps after
 # randomising the head and the last stage (step 2) is at or above this (docs/score.md).
 DEFAULT_THRESHOLD = 0.5
@@ -341,16 +341,20 @@ def run_check(
     threshold: float = DEFAULT_THRESHOLD,
     batch_size: int = 32,
     progress: bool = True,
+    trained: tuple[Tensor, list[int]] | None = None,
 ) -> SanityResult:
     """Run the cascade on preprocessed images (3, H, W) and return the curve and verdict.
 
     The trained model's maps explain each image's top-1 class; every randomised model's maps
-    explain that same class, so a step compares like with like."""
+    explain that same class, so a step compares like with like. ``trained``: those maps and
+    classes when a pass of the served explainer already computed them (calibrate's)."""
     if not tensors:
         raise ValueError("the sanity check needs at least one image")
     config = explainer.config
     size = config.preprocessing.input_size
-    trained, classes = signed_maps(explainer, tensors, [None] * len(tensors), batch_size)
+    if trained is None:
+        trained = signed_maps(explainer, tensors, [None] * len(tensors), batch_size)
+    trained, classes = trained
     model = copy.deepcopy(explainer.model)  # the served weights are never touched
     stages = randomisation_stages(model, config.target_layer, size)
     if not stages:
