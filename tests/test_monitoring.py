@@ -286,14 +286,17 @@ def test_calibrate_writes_the_baseline_the_server_will_compare_with(tmp_path):
     config["handler"].pop("calibration", None)
     (folder / "model-config.yaml").write_text(yaml.safe_dump(config))
     images = [held_out(index).image for index in range(40, 52)]
-    calibrate_model_dir(folder, iter(images), "test", 12, 5, False, baseline_images=iter(images))
+    # Two sanity images: this test is about the baseline (test_sanity.py checks the check).
+    calibrate_model_dir(
+        folder, iter(images), "test", 12, 5, False, baseline_images=iter(images), sanity_images=2
+    )
     loaded = Explainer.from_directory(folder)
     explained = loaded.explain([loaded.prepare_image(image) for image in images])
     expected = telemetry.ScoreBaseline.from_scores(
         item.explained.zero_reference.score for item in explained
     )
     assert loaded.score_baseline == expected and expected.images == 12
-    calibrate_model_dir(folder, iter(images), "test", 12, 5, False)
+    calibrate_model_dir(folder, iter(images), "test", 12, 5, False, sanity_images=2)
     assert Explainer.from_directory(folder).score_baseline is None
 
 
