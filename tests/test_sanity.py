@@ -28,6 +28,7 @@ from camserve.tools.calibrate import CALIBRATION_FILE, calibrate_model_dir
 from camserve.tools.cli import main as camserve
 from camserve.tools.sanity import (
     DEFAULT_THRESHOLD,
+    NothingToRandomise,
     randomisation_stages,
     randomise_stage,
     run_check,
@@ -206,6 +207,21 @@ def test_trained_shapes_passes_and_the_fixed_path_model_fails(
         assert step.rank_correlation.median == pytest.approx(1.0, abs=1e-12)
         assert step.rank_correlation.p90 == pytest.approx(1.0, abs=1e-12)
         assert step.ssim.median == pytest.approx(1.0) and step.peak_kept == 1.0
+
+
+def test_nothing_to_randomise_is_refused_plainly(fixed_path_explainer, tensors):
+    """With no parameters after or inside the target, there is no cascade to run:
+    calibrate then writes no result (and says why) instead of a verdict made up."""
+
+    class FixedOnly(FixedPathNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.features(x).mean(dim=(2, 3)) @ self.projection.T
+
+    model = FixedOnly().eval()
+    model.colour, model.head = nn.Identity(), nn.Identity()
+    bare = Explainer(model, fixed_path_explainer.labels, fixed_path_explainer.config)
+    with pytest.raises(NothingToRandomise, match="no module with parameters runs after"):
+        run_check(bare, tensors[:2], progress=False)
 
 
 def test_a_failed_check_marks_every_answer_and_a_passed_one_adds_nothing(

@@ -256,14 +256,15 @@ def calibrate_model_dir(
             torch.stack([item.explained.signed_map for item in explained]),
             [item.explained.index for item in explained],
         ) if explained else None  # fmt: skip
-    checked = (
-        sanity.run_check(
-            explainer, sample, sanity_seed, batch_size=batch_size, progress=progress,
-            trained=trained,
-        )
-        if sample
-        else None
-    )  # fmt: skip
+    checked = None
+    try:
+        if sample:
+            checked = sanity.run_check(
+                explainer, sample, sanity_seed, batch_size=batch_size, progress=progress,
+                trained=trained,
+            )  # fmt: skip
+    except sanity.NothingToRandomise as err:
+        log.warning("no sanity check for %s: %s", model_dir, err)
     save_statistics(
         statistics, model_dir / CALIBRATION_FILE, config.target_layer, model_dir / config.weights,
         source, baseline, checked,

@@ -57,6 +57,11 @@ SSIM_WINDOW = 7
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
+class NothingToRandomise(ValueError):
+    """No module with parameters runs after the target layer or inside it: the check has
+    nothing to re-initialise (the maps then depend on the weights only below the layer)."""
+
+
 @dataclass(frozen=True)
 class Stage:
     """One randomisation step: the modules re-initialised together, in forward order."""
@@ -358,7 +363,9 @@ def run_check(
     model = copy.deepcopy(explainer.model)  # the served weights are never touched
     stages = randomisation_stages(model, config.target_layer, size)
     if not stages:
-        raise ValueError(f"no parameters run after or inside {config.target_layer!r}")
+        raise NothingToRandomise(
+            f"no module with parameters runs after or inside {config.target_layer!r}"
+        )
     randomised = Explainer(
         model, explainer.labels, config, compensation=explainer.compensation,
         name=f"{explainer.served.name} (randomised)", device=explainer.device,
