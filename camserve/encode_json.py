@@ -28,18 +28,23 @@ def load_schema() -> dict:
 
 
 def explanation_json(explanation: Explanation) -> dict:
-    """The response body for one image."""
+    """The response body for one image.
+
+    A multi-label model's answer adds ``"multi_label": true`` and a ``present`` flag to every
+    class it lists; a single-label answer has neither.
+    """
     model = explanation.model
     probabilities = explanation.probabilities.tolist()
     explained = explanation.explained
     body = {
         "model": model.name,
+        **({"multi_label": True} if model.multi_label else {}),
         "predictions": [
-            {"index": index, "label": model.labels[index], "probability": significant(p)}
-            for index, p in explanation.top()
+            _class_fields(explanation, index, probability)
+            for index, probability in explanation.top()
         ],
         "explained": {
-            **_class_json(explained, model, probabilities, with_maps=False),
+            **_class_json(explanation, explained, probabilities, with_maps=False),
             "requested": explanation.requested,
         },
         "target_layer": model.target_layer,
@@ -51,7 +56,7 @@ def explanation_json(explanation: Explanation) -> dict:
     background = background_of(explanation) if explanation.image.options.images else None
     if explanation.more:
         body["more_explanations"] = [
-            _class_json(other, model, probabilities) for other in explanation.more
+            _class_json(explanation, other, probabilities) for other in explanation.more
         ]
         if background is not None:
             for entry, other in zip(body["more_explanations"], explanation.more, strict=True):
@@ -62,16 +67,27 @@ def explanation_json(explanation: Explanation) -> dict:
 
 
 def _class_json(
-    explained: ClassExplanation, model: ServedModel, probabilities: list[float], with_maps=True
+    explanation: Explanation,
+    explained: ClassExplanation,
+    probabilities: list[float],
+    with_maps: bool = True,
 ) -> dict:
-    body = {
-        "index": explained.index,
-        "label": model.labels[explained.index],
-        "probability": significant(probabilities[explained.index]),
-    }
+    body = _class_fields(explanation, explained.index, probabilities[explained.index])
     if with_maps:
         body["grad_cam"] = _map_json(explained)
-        body["zero_reference"] = _zero_reference_json(explained, model)
+        body["zero_reference"] = _zero_reference_json(explained, explanation.model)
+    return body
+
+
+def _class_fields(explanation: Explanation, index: int, probability: float) -> dict:
+    body = {
+        "index": index,
+        "label": explanation.model.labels[index],
+        "probability": significant(probability),
+    }
+    present = explanation.is_present(index)
+    if present is not None:
+        body["present"] = present
     return body
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from camserve.explainer import ClassExplanation, Explanation
@@ -124,9 +124,73 @@ def images_json(
 
 
 def overlay_png(explanation: Explanation, colormap: str = DEFAULT_COLORMAP) -> bytes:
-    """Just the overlay of the (unshifted) map: the body of an ``Accept: image/png`` answer."""
+    """The body of an ``Accept: image/png`` answer: the overlay of the (unshifted) map or, for
+    a multi-label model, one labelled overlay per explained label, side by side."""
     background = background_of(explanation)
+    if explanation.model.multi_label:
+        return encode_png(labelled_overlays(explanation, background, colormap))
     return encode_png(overlay_image(explanation.explained.grad_cam, background, colormap))
+
+
+PANEL_GAP = 4  # pixels between two labelled overlays
+CAPTION_BACKGROUND = (24, 24, 24)
+PRESENT_TEXT = (255, 255, 255)
+ABSENT_TEXT = (150, 150, 150)
+
+
+def labelled_overlays(
+    explanation: Explanation, background: Image.Image, colormap: str = DEFAULT_COLORMAP
+) -> Image.Image:
+    """Each explained label's overlay, left to right in the answer's order, captioned with
+    the label and its probability (and ``absent`` when it is below its threshold)."""
+    width, height = background.size
+    font = _caption_font(width)
+    line = _line_height(font)
+    caption = 2 * line + 4
+    items = (explanation.explained, *explanation.more)
+    strip = Image.new(
+        "RGB",
+        (len(items) * width + (len(items) - 1) * PANEL_GAP, height + caption),
+        CAPTION_BACKGROUND,
+    )
+    draw = ImageDraw.Draw(strip)
+    for position, item in enumerate(items):
+        left = position * (width + PANEL_GAP)
+        strip.paste(overlay_image(item.grad_cam, background, colormap), (left, 0))
+        present = explanation.is_present(item.index) is not False
+        probability = f"p {float(explanation.probabilities[item.index]):.2f}"
+        lines = (explanation.model.labels[item.index], probability + ("" if present else " absent"))
+        for row, text in enumerate(lines):
+            draw.text(
+                (left + 2, height + 2 + row * line),
+                _fit(draw, text, font, width - 4),
+                fill=PRESENT_TEXT if present else ABSENT_TEXT,
+                font=font,
+            )
+    return strip
+
+
+@lru_cache(maxsize=8)
+def _caption_font(panel_width: int) -> ImageFont.ImageFont:
+    """Pillow's own font, larger on larger panels (its bitmap font where FreeType is missing)."""
+    try:
+        return ImageFont.load_default(size=max(10, panel_width // 16))
+    except (TypeError, OSError, ImportError):  # an older Pillow, or no FreeType
+        return ImageFont.load_default()
+
+
+def _line_height(font: ImageFont.ImageFont) -> int:
+    left, top, right, bottom = font.getbbox("Ag")
+    return bottom + 2
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
+    """``text``, cut with an ellipsis to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def accepts_png(accept: str | None) -> bool:

@@ -29,12 +29,19 @@ from camserve.architectures import check_input_size
 from camserve.compensation import CompensationReport, probe_compensable
 from camserve.decode import DEFAULT_MAX_PIXELS, decode_image
 from camserve.device import to_host
-from camserve.gradcam import ClassMaps, GradCam
+from camserve.errors import BAD_OPTION, input_error
+from camserve.gradcam import ClassChoice, ClassMaps, GradCam, PresentLabels, TopClasses
 from camserve.grid import attach_target
-from camserve.labels import load_labels, resolve_target
+from camserve.labels import (
+    check_presence_threshold,
+    load_label_thresholds,
+    load_labels,
+    resolve_target,
+    resolve_targets,
+)
 from camserve.layers import auto_target_layer
 from camserve.preprocess import Preprocessing
-from camserve.request import ParsedRequest, RequestOptions
+from camserve.request import MAX_MAPS, ParsedRequest, RequestOptions
 from camserve.sanity import SanityResult
 from camserve.sources import source_of_architecture
 from camserve.telemetry import ScoreBaseline
@@ -49,6 +56,11 @@ from camserve.zero_reference import (
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG = "model-config.yaml"
+# Maps per answer when the request does not say (``maps``): the explained class alone, or on a
+# multi-label model every present label up to this many.
+DEFAULT_MAPS = 1
+DEFAULT_MULTI_LABEL_MAPS = 5
+DEFAULT_PRESENCE_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,29 @@ class ExplainerConfig:
     built_with: dict | None = None
     # Per-class metric series (camserve.telemetry); only for models with few classes.
     class_metrics: bool = False
+    # A sigmoid head (docs/multi-label.md): probabilities sigmoid(logits), a label present at
+    # p >= its threshold (label_thresholds: a label -> threshold JSON; else presence_threshold).
+    multi_label: bool = False
+    presence_threshold: float = DEFAULT_PRESENCE_THRESHOLD
+    label_thresholds: str | None = None
+    maps: int | None = None  # maps per answer by default; None: DEFAULT_MAPS or, multi-label, 5
+
+    def __post_init__(self) -> None:
+        check_presence_threshold(self.presence_threshold, "presence_threshold")
+        if not self.multi_label and (
+            self.label_thresholds is not None
+            or self.presence_threshold != DEFAULT_PRESENCE_THRESHOLD
+        ):
+            raise ValueError("presence_threshold and label_thresholds need multi_label: true")
+        if self.maps is not None and not 1 <= self.maps <= MAX_MAPS:
+            raise ValueError(f"maps must be from 1 to {MAX_MAPS}, got {self.maps}")
+
+    @property
+    def default_maps(self) -> int:
+        """Maps per answer when the request does not set ``maps``."""
+        if self.maps is not None:
+            return self.maps
+        return DEFAULT_MULTI_LABEL_MAPS if self.multi_label else DEFAULT_MAPS
 
     @classmethod
     def from_handler_section(cls, section: dict) -> ExplainerConfig:
@@ -81,10 +116,15 @@ class ExplainerConfig:
             "target_layout",
             "class_metrics",
             "model_config", "built_with",
+            "multi_label", "presence_threshold", "label_thresholds", "maps",
         }  # fmt: skip
         unknown = set(section) - known
         if unknown:
             raise ValueError(f"unknown handler settings in model-config.yaml: {sorted(unknown)}")
+        if not section.get("multi_label") and {"presence_threshold", "label_thresholds"} & set(
+            section
+        ):
+            raise ValueError("presence_threshold and label_thresholds need multi_label: true")
         defaults = ScoreSettings()
         return cls(
             architecture=section["architecture"],
@@ -105,6 +145,10 @@ class ExplainerConfig:
             class_metrics=bool(section.get("class_metrics", False)),
             model_config=section.get("model_config"),
             built_with=section.get("built_with"),
+            multi_label=_flag(section.get("multi_label", False), "multi_label"),
+            presence_threshold=section.get("presence_threshold", DEFAULT_PRESENCE_THRESHOLD),
+            label_thresholds=section.get("label_thresholds"),
+            maps=int(section["maps"]) if section.get("maps") is not None else None,
         )
 
     def to_handler_section(self) -> dict:
@@ -127,7 +171,20 @@ class ExplainerConfig:
                 section[key] = getattr(self, key)
         if self.class_metrics:
             section["class_metrics"] = True
+        if self.multi_label:
+            section["multi_label"] = True
+            section["presence_threshold"] = self.presence_threshold
+            if self.label_thresholds is not None:
+                section["label_thresholds"] = self.label_thresholds
+        if self.maps is not None:
+            section["maps"] = self.maps
         return section
+
+
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -139,6 +196,7 @@ class ServedModel:
     target_layer: str
     preprocessing: Preprocessing
     sanity_failed: bool = False  # its maps did not depend on its weights (docs/score.md)
+    multi_label: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,6 +211,15 @@ class PreparedImage:
     options: RequestOptions
     requested_class: int | None  # ``options.target`` resolved to a class index; None: top-1
     topk: int
+    maps: int = DEFAULT_MAPS  # classes that get a map (multi-label: at most, of the present)
+    more_requested: tuple[int, ...] = ()  # multi-label: the other labels ``target`` named
+
+    @property
+    def requested_classes(self) -> tuple[int, ...]:
+        """Every class ``target`` named, in order; empty: the model's choice."""
+        if self.requested_class is None:
+            return ()
+        return (self.requested_class, *self.more_requested)
 
 
 @dataclass(frozen=True)
@@ -180,15 +247,34 @@ class Explanation:
 
     model: ServedModel
     image: PreparedImage
-    probabilities: Tensor  # (C,)
+    probabilities: Tensor  # (C,): softmax, or sigmoid for a multi-label model
     explained: ClassExplanation
     requested: bool  # the explained class was asked for (``target``), not the top-1
-    more: tuple[ClassExplanation, ...] = ()  # the next most probable classes (``maps`` > 1)
+    # Single-label: the next most probable classes (``maps`` > 1). Multi-label: the other
+    # present labels, or the other labels ``target`` named.
+    more: tuple[ClassExplanation, ...] = ()
+    present: Tensor | None = None  # (C,) bool, multi-label only: p >= the label's threshold
 
     def top(self) -> list[tuple[int, float]]:
         """The top-k (class index, probability) pairs, most probable first."""
         values, indices = torch.topk(self.probabilities, self.image.topk)
         return list(zip(indices.tolist(), values.tolist(), strict=True))
+
+    def is_present(self, index: int) -> bool | None:
+        """Whether a label is present (multi-label); None for a single-label model."""
+        return None if self.present is None else bool(self.present[index])
+
+    def monitored(self) -> list[tuple[ZeroReference, int, bool]]:
+        """What the metrics and the drift baseline count, as (score block, class index,
+        requested). Single-label: the explained class, ``requested`` as answered. Multi-label:
+        every explained label, ``requested`` false only for a present label the model chose,
+        so that ``requested=false`` means "the model's own prediction" for both heads."""
+        if self.present is None:
+            return [(self.explained.zero_reference, self.explained.index, self.requested)]
+        return [
+            (item.zero_reference, item.index, self.requested or not self.is_present(item.index))
+            for item in (self.explained, *self.more)
+        ]
 
 
 def load_model(directory: str | Path, config: ExplainerConfig, num_classes: int) -> nn.Module:
@@ -241,12 +327,24 @@ class Explainer:
         compensation: CompensationReport | None = None,
         name: str = "model",
         device: str | torch.device = "cpu",
+        thresholds: list[float] | None = None,
     ) -> None:
+        """``thresholds``: a multi-label model's presence threshold per label (default: the
+        config's ``presence_threshold`` for every label)."""
         model.eval()  # see load_model: nothing may run the served network in training mode
         config = _with_target_layer(model, config)
         self.config = config
         self.device = torch.device(device)
-        self.served = ServedModel(name, labels, config.target_layer, config.preprocessing)
+        self.served = ServedModel(
+            name, labels, config.target_layer, config.preprocessing, multi_label=config.multi_label
+        )
+        self.thresholds = _presence_thresholds(config, labels, thresholds)
+        if self.thresholds is not None:
+            log.info(
+                "%s is multi-label: sigmoid probabilities, a label present at p >= %s",
+                name,
+                _describe_thresholds(self.thresholds),
+            )
         size = config.preprocessing.input_size
         check_input_size(model, size)
         # Explained at the layer's (N, C, h, w) grid: the layer itself, or the tap that
@@ -263,6 +361,11 @@ class Explainer:
         release_freed_memory()
         # float64 on the device once here, not converted in every batch.
         self.calibration = calibration.to(self.device) if calibration is not None else None
+        self._thresholds = (
+            torch.tensor(self.thresholds, device=self.device)
+            if self.thresholds is not None
+            else None
+        )
 
     @classmethod
     def from_directory(
@@ -286,8 +389,15 @@ class Explainer:
             if config.calibration
             else None
         )
+        thresholds = presence_thresholds(directory, config, labels)
         explainer = cls(
-            model, labels, config, calibration, name=name or directory.name, device=device
+            model,
+            labels,
+            config,
+            calibration,
+            name=name or directory.name,
+            device=device,
+            thresholds=thresholds,
         )
         if config.calibration:
             explainer.score_baseline = load_score_baseline(directory / config.calibration)
@@ -330,7 +440,7 @@ class Explainer:
 
     def prepare(self, request: ParsedRequest) -> PreparedImage:
         """Decode and validate one request; raises ``InputError`` for a bad item."""
-        requested = resolve_target(request.options.target, self.labels)
+        requested = self._resolve(request.options.target)
         # Decoded in full: a reduced-scale JPEG decode moves the network input by grey
         # levels, far beyond the preprocessing tolerance (docs/performance.md#decoding).
         image = decode_image(request.image, self.config.max_pixels)
@@ -340,16 +450,38 @@ class Explainer:
         self,
         image: Image.Image,
         options: RequestOptions | None = None,
-        requested_class: int | None = None,
+        requested_class: int | tuple[int, ...] | None = None,
     ) -> PreparedImage:
-        """Prepare an already decoded RGB image (notebooks, evaluation, calibration)."""
+        """Prepare an already decoded RGB image (notebooks, evaluation, calibration).
+
+        ``requested_class``: a class index, or on a multi-label model a tuple of them."""
         options = options or RequestOptions()
+        named = (
+            tuple(requested_class)
+            if isinstance(requested_class, tuple | list)
+            else () if requested_class is None else (requested_class,)
+        )  # fmt: skip
+        if len(named) > 1 and not self.config.multi_label:
+            raise ValueError("only a multi-label model explains several requested classes")
         return PreparedImage(
             tensor=self.config.preprocessing(image),
             options=options,
-            requested_class=requested_class,
+            requested_class=named[0] if named else None,
             topk=min(options.topk or self.config.topk, len(self.labels)),
+            maps=options.maps if options.maps is not None else self.config.default_maps,
+            more_requested=named[1:],
         )
+
+    def _resolve(self, target: object) -> int | tuple[int, ...] | None:
+        """A request's ``target``: one class, or on a multi-label model a list of labels."""
+        if self.config.multi_label:
+            return resolve_targets(target, self.labels, MAX_MAPS)
+        if isinstance(target, list):
+            raise input_error(
+                BAD_OPTION,
+                "'target' names one class: only a multi-label model explains a list of labels",
+            )
+        return resolve_target(target, self.labels)
 
     def explain(
         self,
@@ -361,8 +493,7 @@ class Explainer:
             return []
         started = time.perf_counter()
         x = torch.stack([item.tensor for item in batch]).to(self.device)
-        extra = max(item.options.maps for item in batch) - 1
-        result = self.gradcam(x, [item.requested_class for item in batch], extra_classes=extra)
+        result = self.gradcam.explain(x, self._choice(batch))
         scored = time.perf_counter()
         class_maps = (result.explained, *result.extra)
         # Plain arithmetic from here on: without autograd's bookkeeping each of the score's
@@ -372,12 +503,14 @@ class Explainer:
             channel_std = result.channel_std if self.calibration is None else None
             scores = [self._score(maps, channel_std) for maps in class_maps]
             # The batch's one trip to the CPU; everything per image below is plain indexing.
+            multi_label = result.present is not None
             probabilities, *host = to_host(
                 [
-                    result.logits.softmax(dim=1),
+                    result.logits.sigmoid() if multi_label else result.logits.softmax(dim=1),
                     *(maps.classes for maps in class_maps),
                     *(maps.signed_map for maps in class_maps),
                     *(score.packed for score in scores),
+                    *((result.present, result.counts) if multi_label else ()),
                 ]
             )
         count = len(class_maps)
@@ -385,8 +518,10 @@ class Explainer:
         signed = host[count : 2 * count]
         blocks = [
             replace(score, packed=packed).items()
-            for score, packed in zip(scores, host[2 * count :], strict=True)
+            for score, packed in zip(scores, host[2 * count : 3 * count], strict=True)
         ]
+        present, counts = host[3 * count :] if multi_label else (None, None)
+        maps_per_image = counts.tolist() if multi_label else [item.maps for item in batch]
         if on_stage is not None:
             # Stage names are the ones camserve.telemetry.STAGES declares.
             on_stage("forward_gradcam", scored - started)
@@ -395,7 +530,7 @@ class Explainer:
         for i, item in enumerate(batch):
             per_class = [
                 ClassExplanation(classes[k][i], signed[k][i], blocks[k][i])
-                for k in range(min(item.options.maps, len(class_maps)))
+                for k in range(min(maps_per_image[i], len(class_maps)))
             ]
             explained.append(
                 Explanation(
@@ -405,9 +540,20 @@ class Explainer:
                     explained=per_class[0],
                     requested=item.requested_class is not None,
                     more=tuple(per_class[1:]),
+                    present=present[i] if multi_label else None,
                 )
             )
         return explained
+
+    def _choice(self, batch: list[PreparedImage]) -> ClassChoice:
+        if self._thresholds is None:
+            extra = max(item.maps for item in batch) - 1
+            return TopClasses([item.requested_class for item in batch], extra)
+        return PresentLabels(
+            self._thresholds,
+            [item.requested_classes for item in batch],
+            [item.maps for item in batch],
+        )
 
     def _score(self, maps: ClassMaps, channel_std: Tensor | None) -> ZeroReferenceBatch:
         return zero_reference(
@@ -431,6 +577,49 @@ def release_freed_memory() -> None:
     # The process's own symbols (libc among them): no library search, no subprocess.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
+
+
+def presence_thresholds(
+    directory: str | Path, config: ExplainerConfig, labels: list[str]
+) -> list[float] | None:
+    """A multi-label model's presence threshold per label, from its folder's
+    ``label_thresholds`` file or else ``presence_threshold``; None for a softmax head.
+    Raises ``ValueError`` for a file naming unknown labels or thresholds outside (0, 1)."""
+    thresholds = (
+        load_label_thresholds(
+            Path(directory) / config.label_thresholds, labels, config.presence_threshold
+        )
+        if config.label_thresholds
+        else None
+    )
+    return _presence_thresholds(config, labels, thresholds)
+
+
+def _presence_thresholds(
+    config: ExplainerConfig, labels: list[str], thresholds: list[float] | None
+) -> list[float] | None:
+    """A multi-label model's threshold per label (checked), or None for a softmax head."""
+    if not config.multi_label:
+        if thresholds is not None:
+            raise ValueError("presence thresholds need a multi-label model (multi_label: true)")
+        return None
+    if len(labels) < 2:
+        raise ValueError(
+            "a multi-label model needs at least two outputs (one logit per label); with one "
+            "output the model is a binary classifier"
+        )
+    if thresholds is None:
+        return [config.presence_threshold] * len(labels)
+    if len(thresholds) != len(labels):
+        raise ValueError(f"{len(thresholds)} presence thresholds for {len(labels)} labels")
+    return [check_presence_threshold(t) for t in thresholds]
+
+
+def _describe_thresholds(thresholds: list[float]) -> str:
+    distinct = sorted(set(thresholds))
+    if len(distinct) == 1:
+        return f"{distinct[0]:g}"
+    return f"per-label thresholds from {distinct[0]:g} to {distinct[-1]:g}"
 
 
 def _with_target_layer(model: nn.Module, config: ExplainerConfig) -> ExplainerConfig:

@@ -6,13 +6,22 @@ Example::
     batch = cam(x)                       # explain each image's top-1 class
     batch = cam(x, requested=[3, None])  # class 3 for the first image, top-1 for the second
     batch.explained.signed_map           # M, (N, h, w); batch.explained.grad_cam = ReLU(M)
+    # A multi-label (sigmoid) head: every present label, most probable first, up to 5 each.
+    batch = cam.explain(x, PresentLabels(thresholds, requested=[(), (2, 4)], caps=[5, 5]))
+    batch.counts                         # (N,) maps per image; batch.extra holds ranks 1..
+
+Which classes get a map is a ``ClassChoice``: ``TopClasses`` (a softmax head: the requested
+or top-1 class, then the next most probable) or ``PresentLabels`` (a sigmoid head). Either
+way the classes are picked from the logits of the one forward pass, the first map comes from
+Captum, and every further rank backpropagates through the head only, on the same graph.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from captum.attr import LayerGradCam
@@ -49,6 +58,10 @@ class GradCamBatch:
     explained: ClassMaps
     activations: Tensor  # A, (N, K, h, w), detached
     extra: tuple[ClassMaps, ...] = ()
+    # PresentLabels only: the (N, C) present flags the classes were chosen by, and (N,) how
+    # many of the ranks (explained, *extra) hold for each image.
+    present: Tensor | None = None
+    counts: Tensor | None = None
 
     @property
     def channel_mean(self) -> Tensor:
@@ -71,13 +84,124 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+class ClassChoice(Protocol):
+    """Which classes of each image get a map, picked from the logits of the one forward."""
+
+    def first(self, logits: Tensor) -> Tensor:
+        """(N,) the explained class of each image, from the (detached) logits."""
+
+    def later(self, logits: Tensor) -> list[Tensor]:
+        """The further ranks, one (N,) class tensor each; called after ``first``."""
+
+    def may_need_more(self) -> bool:
+        """Whether ``later`` can return anything: Captum then keeps the graph."""
+
+
+@dataclass
+class TopClasses:
+    """A softmax head: the requested class (``None``: the top-1), then the ``extra`` next
+    most probable classes."""
+
+    requested: Sequence[int | None]
+    extra: int = 0
+    _explained: Tensor | None = field(default=None, repr=False)
+
+    def first(self, logits: Tensor) -> Tensor:
+        explained = logits.argmax(dim=1)
+        if any(c is not None for c in self.requested):
+            # Built only when some image asks for a class: the usual request moves nothing.
+            requested = torch.tensor([c or 0 for c in self.requested], device=logits.device)
+            is_requested = torch.tensor(
+                [c is not None for c in self.requested], device=logits.device
+            )
+            explained = torch.where(is_requested, requested, explained)
+        self._explained = explained
+        return explained
+
+    def later(self, logits: Tensor) -> list[Tensor]:
+        count = min(self.extra, logits.shape[1] - 1)
+        if count <= 0:
+            return []
+        # The next most probable classes, skipping the one already explained (masked out, so
+        # no data-dependent indexing: the batch stays on its device without a sync).
+        masked = logits.scatter(1, self._explained[:, None], float("-inf"))
+        others = masked.topk(count, dim=1).indices
+        return [others[:, rank] for rank in range(count)]
+
+    def may_need_more(self) -> bool:
+        return self.extra > 0
+
+
+@dataclass
+class PresentLabels:
+    """A sigmoid (multi-label) head: label c is present when ``sigmoid(z_c) >= thresholds[c]``.
+
+    Each image gets its ``requested`` labels in the order given or, when it names none, its
+    present labels, most probable first, at most ``caps[i]``; with none present, its most
+    probable label alone. ``present`` and ``counts`` (maps per image) are set by ``first``.
+    """
+
+    thresholds: Tensor  # (C,) on the logits' device
+    requested: Sequence[Sequence[int]]  # per image; empty: the present labels
+    caps: Sequence[int]  # per image: most maps when it names no label
+    present: Tensor | None = None
+    counts: Tensor | None = None
+    _ranked: Tensor | None = field(default=None, repr=False)  # (N, C): classes per rank
+    _host_bound: int = 0  # the most ranks any image can have, known without the device
+
+    def __post_init__(self) -> None:
+        if len(self.requested) != len(self.caps):
+            raise ValueError(f"{len(self.requested)} requested lists for {len(self.caps)} caps")
+        self._host_bound = max(
+            (
+                len(named) if named else cap
+                for named, cap in zip(self.requested, self.caps, strict=True)
+            ),
+            default=0,
+        )
+
+    def first(self, logits: Tensor) -> Tensor:
+        self.present = logits.sigmoid() >= self.thresholds
+        # Most probable first (sigmoid is monotone: by logit), then present before absent;
+        # both sorts are stable, so ties keep the label order and answers are reproducible.
+        by_logit = logits.argsort(dim=1, descending=True, stable=True)
+        absent = (~self.present).gather(1, by_logit).to(torch.uint8)
+        ranked = by_logit.gather(1, absent.argsort(dim=1, stable=True))
+        counts = self.present.sum(dim=1).clamp_(min=1)
+        counts = torch.minimum(counts, torch.tensor(self.caps, device=logits.device))
+        named = [tuple(labels) for labels in self.requested]
+        if any(named):
+            # Named labels replace the ranking of their image, in the order given.
+            width = max(len(labels) for labels in named)
+            padded = [
+                list(labels) + list(labels[-1:] or [0]) * (width - len(labels)) for labels in named
+            ]
+            is_named = torch.tensor([bool(labels) for labels in named], device=logits.device)
+            chosen = torch.tensor(padded, device=logits.device)
+            head = torch.where(is_named[:, None], chosen, ranked[:, :width])
+            ranked = torch.cat([head, ranked[:, width:]], dim=1)
+            sizes = torch.tensor([len(labels) for labels in named], device=logits.device)
+            counts = torch.where(is_named, sizes, counts)
+        self._ranked, self.counts = ranked, counts
+        return ranked[:, 0]
+
+    def later(self, logits: Tensor) -> list[Tensor]:
+        # One host sync for the batch's number of ranks, unless the requests fix it: a rank
+        # nobody needs would cost a backward pass.
+        ranks = self._host_bound
+        if ranks > 1 and not all(self.requested):
+            ranks = min(ranks, int(self.counts.max()))
+        return [self._ranked[:, rank] for rank in range(1, ranks)]
+
+    def may_need_more(self) -> bool:
+        return self._host_bound > 1
+
+
 @dataclass
 class _ForwardPass:
     """What the callbacks of one Captum call hand each other."""
 
-    # (N,) class index, meaningful where is_requested (N,); both None: every image's top-1.
-    requested: Tensor | None
-    is_requested: Tensor | None
+    choice: ClassChoice
     activations: Tensor | None = None
     logits: Tensor | None = None
     explained: Tensor | None = None
@@ -88,7 +212,7 @@ class GradCam:
     """Grad-CAM for one target layer of a frozen classifier.
 
     The function handed to Captum runs the model once, keeps the full logits, and returns the
-    logit of the class to explain (the requested one, else the argmax). So the prediction and
+    logit of the class to explain (as the ``ClassChoice`` picks it). So the prediction and
     the map come from the same forward pass, and only the layer's output requires a gradient.
     """
 
@@ -119,13 +243,11 @@ class GradCam:
         requested = [None] * x.shape[0] if requested is None else list(requested)
         if len(requested) != x.shape[0]:
             raise ValueError(f"{len(requested)} requested classes for a batch of {x.shape[0]}")
-        if any(c is not None for c in requested):
-            self._pass = _ForwardPass(
-                requested=torch.tensor([c or 0 for c in requested], device=x.device),
-                is_requested=torch.tensor([c is not None for c in requested], device=x.device),
-            )
-        else:  # the usual request: no class tensors to build and move
-            self._pass = _ForwardPass(requested=None, is_requested=None)
+        return self.explain(x, TopClasses(requested, extra_classes))
+
+    def explain(self, x: Tensor, choice: ClassChoice) -> GradCamBatch:
+        """Explain the classes ``choice`` picks from this forward pass's logits."""
+        self._pass = _ForwardPass(choice)
         # Registered before Captum's own hook, so it sees the very tensor Captum
         # differentiates against (Captum then marks it as requiring grad).
         handle = self.layer.register_forward_hook(self._capture_activations)
@@ -134,15 +256,17 @@ class GradCam:
                 signed = self._captum.attribute(
                     x,
                     relu_attributions=False,
-                    grad_kwargs={"retain_graph": True} if extra_classes else None,
+                    grad_kwargs={"retain_graph": True} if choice.may_need_more() else None,
                 )
-                extra = self._extra_class_maps(extra_classes) if extra_classes else ()
-            run = self._pass
+                run = self._pass
+                extra = self._class_maps(choice.later(run.logits.detach()))
             return GradCamBatch(
                 logits=run.logits.detach(),
                 explained=ClassMaps(run.explained, signed.detach()[:, 0], run.alpha),
                 activations=run.activations.detach(),
                 extra=extra,
+                present=getattr(choice, "present", None),
+                counts=getattr(choice, "counts", None),
             )
         finally:
             handle.remove()
@@ -163,9 +287,7 @@ class GradCam:
         run = self._pass
         logits = self.model(x)
         run.activations.register_hook(self._capture_alpha)
-        run.explained = logits.argmax(dim=1)
-        if run.requested is not None:
-            run.explained = torch.where(run.is_requested, run.requested, run.explained)
+        run.explained = run.choice.first(logits.detach())
         run.logits = logits
         return logits.gather(1, run.explained[:, None]).sum().reshape(1)
 
@@ -173,23 +295,18 @@ class GradCam:
         if self._pass.alpha is None:
             self._pass.alpha = gradient.mean(dim=(2, 3))
 
-    def _extra_class_maps(self, count: int) -> tuple[ClassMaps, ...]:
+    def _class_maps(self, ranks: list[Tensor]) -> tuple[ClassMaps, ...]:
+        """One map per (N,) class tensor, on the graph Captum's call kept."""
         run = self._pass
         logits, activations = run.logits, run.activations
-        count = min(count, logits.shape[1] - 1)
-        # The next most probable classes, skipping the one already explained (masked out, so
-        # no data-dependent indexing: the batch stays on its device without a sync).
-        masked = logits.detach().scatter(1, run.explained[:, None], float("-inf"))
-        others = masked.topk(count, dim=1).indices
         maps = []
-        for rank in range(count):
-            classes = others[:, rank]
+        for rank, classes in enumerate(ranks):
             # Examples do not interact in eval mode, so the batch sum gives each its own
             # gradient; activations is a leaf, so this only runs the head backwards.
             (gradient,) = torch.autograd.grad(
                 logits.gather(1, classes[:, None]).sum(),
                 activations,
-                retain_graph=rank < count - 1,
+                retain_graph=rank < len(ranks) - 1,
             )
             alpha = gradient.mean(dim=(2, 3))
             signed = (alpha[:, :, None, None] * activations.detach()).sum(dim=1)

@@ -62,8 +62,10 @@ METRICS = {
 """Every camserve metric and its type; a test checks this against config/metrics.yaml."""
 RECORDED = {**METRICS, HANDLER_TIME: "gauge"}
 """Every metric the handler records: camserve's and TorchServe's HandlerTime."""
-# Explanation metrics carry requested="true|false": a class the client chose (``target``) or
-# the model's top-1. Alerts and the drift baseline look at the top-1 only (docs/monitoring.md).
+# Explanation metrics carry requested="true|false". "false" is the model's own prediction: the
+# top-1 class, or on a multi-label model each present label; "true" is a class the client chose
+# (``target``) or, multi-label, the most probable label explained although none is present.
+# Alerts and the drift baseline look at "false" only (docs/monitoring.md).
 REQUESTED_VALUES = ("false", "true")
 
 STAGES = ("decode", "forward_gradcam", "score", "encode")
@@ -87,9 +89,10 @@ def score_band(score: float) -> str:
 class ScoreBaseline:
     """The score distribution of a model's calibration images, in ``SCORE_BANDS``.
 
-    ``camserve calibrate`` computes it from the top-1 explanations of the calibration images
-    and stores it in the calibration file; exported at load, it is what the live band shares
-    of unrequested explanations are compared with (the drift rule in config/prometheus).
+    ``camserve calibrate`` computes it from the calibration images' explanations of the model's
+    own predictions (the top-1 class; multi-label: every present label) and stores it in the
+    calibration file; exported at load, it is what the live band shares of unrequested
+    explanations are compared with (the drift rule in config/prometheus).
     """
 
     shares: dict[str, float]  # band -> share of the images, summing to 1
@@ -222,7 +225,9 @@ class Telemetry:
 
     def explained_batch(self, shown: Iterable[tuple[ZeroReference, int | None, bool]]) -> None:
         """A batch's explanations that were returned to clients, as (score block, class index,
-        requested) each. A counter is incremented once per label set by the batch's count:
+        requested) each (``Explanation.monitored()``: one per answer, or on a multi-label
+        model one per explained label). A counter is incremented once per label set by the
+        batch's count:
         every metric is a log line the frontend parses, so a batch of 8 emits ~14 lines, not 48.
         The score histogram still observes each explanation."""
         counts: Counter[tuple[str, ...]] = Counter()

@@ -18,6 +18,7 @@ from harness.shapes.dataset import HELD_OUT_SEED, render_sample
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES_DIR = REPO / "models" / "shapes"
+SHAPES_MULTI_DIR = REPO / "models" / "shapes-multi"
 CONFIG = REPO / "config" / "config.properties"
 
 
@@ -29,6 +30,11 @@ def _threads():
 @pytest.fixture(scope="session")
 def shapes_explainer() -> Explainer:
     return Explainer.from_directory(SHAPES_DIR)
+
+
+@pytest.fixture(scope="session")
+def shapes_multi_explainer() -> Explainer:
+    return Explainer.from_directory(SHAPES_MULTI_DIR)
 
 
 @pytest.fixture(scope="session")

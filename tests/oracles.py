@@ -26,11 +26,16 @@ from camserve.zero_reference import (
 
 
 def oracle(
-    model: nn.Module, layer_name: str, x: Tensor, calibration: ChannelStatistics | None = None
+    model: nn.Module,
+    layer_name: str,
+    x: Tensor,
+    calibration: ChannelStatistics | None = None,
+    classes: list[int] | None = None,
 ) -> ZeroReference:
-    """Reparameterise for real with delta = -mu and compare against the reported score."""
+    """Reparameterise for real with delta = -mu and compare against the reported score of
+    the first image, for its top-1 class or ``classes`` (one per image: a label's logit)."""
     gradcam = GradCam(model, layer_name)
-    result = gradcam(x)
+    result = gradcam(x, classes)
     [reported] = zero_reference(
         result.explained.signed_map,
         result.explained.alpha,

@@ -32,8 +32,8 @@ from camserve.architectures import (
     read_state_dict,
 )
 from camserve.compensation import probe_compensable
-from camserve.explainer import ExplainerConfig
-from camserve.labels import load_labels
+from camserve.explainer import DEFAULT_PRESENCE_THRESHOLD, ExplainerConfig, presence_thresholds
+from camserve.labels import check_presence_threshold, load_label_thresholds, load_labels
 from camserve.layers import auto_target_layer, check_target_layer
 from camserve.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from camserve.sources import BuiltModel, read_pretrained
@@ -84,11 +84,15 @@ def build_archive(
     config_path = model_dir / MODEL_CONFIG
     section = yaml.safe_load(config_path.read_text()).get("handler", {})
     needed = [section.get("weights"), section.get("labels", "index_to_name.json")]
-    optional = ("calibration", "model_file", "model_config")
+    optional = ("calibration", "model_file", "model_config", "label_thresholds")
     needed += [section.get(k) for k in optional if section.get(k)]
     missing = [f for f in needed if not f or not (model_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{model_dir} lacks files named in {MODEL_CONFIG}: {missing}")
+    if section.get("multi_label"):
+        # A bad threshold or a file naming unknown labels fails here, not at serving time.
+        config = ExplainerConfig.from_handler_section(section)
+        presence_thresholds(model_dir, config, load_labels(model_dir / config.labels))
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="camserve-archive-") as work:
         payload = Path(work) / "payload"
@@ -121,6 +125,9 @@ def build_archive(
 
 WEIGHTS_FILE = "weights.pt"
 LABELS_FILE = "index_to_name.json"
+LABEL_THRESHOLDS_FILE = "label_thresholds.json"
+# transformers' config.json declares a sigmoid head so (docs/multi-label.md).
+MULTI_LABEL_PROBLEM = "multi_label_classification"
 SERVING_DEFAULTS = {
     "minWorkers": 1,
     "maxWorkers": 1,
@@ -143,6 +150,7 @@ class ModelSummary:
     compensation: str
     problem_type: str | None = None  # transformers' config.json problem_type, when it has one
     notes: tuple[str, ...] = ()
+    head: str = "single-label (softmax)"
 
     def describe(self) -> str:
         how = "picked automatically" if self.target_layer_auto else "given"
@@ -151,7 +159,8 @@ class ModelSummary:
             extra += f"; problem_type {self.problem_type}"
         return (
             f"{self.architecture}: {self.num_classes} classes (labels: {self.labels_from}); "
-            f"target layer {self.target_layer!r} ({how}); {self.compensation}{extra}"
+            f"{self.head}; target layer {self.target_layer!r} ({how}); "
+            f"{self.compensation}{extra}"
         )
 
 
@@ -230,6 +239,9 @@ def write_model_dir(
     target_layout: str | None = None,
     pretrained: str | Path | None = None,
     data_config: dict | None = None,
+    multi_label: bool = False,
+    presence_threshold: float | None = None,
+    label_thresholds: str | Path | None = None,
 ) -> ModelSummary:
     """Validate a model and write a model folder (weights, labels, ``model-config.yaml``)
     that ``build_archive`` packs. Raises ``ValueError`` with a clear message on bad input.
@@ -238,9 +250,18 @@ def write_model_dir(
     (``preprocessing``: default torchvision's evaluation pipeline); a timm model,
     ``architecture="timm:NAME"`` with ``weights`` (its data config, ``data_config`` may set
     ``input_size``, ``mean`` and ``std``); or a ``pretrained`` folder, whose config decides
-    everything but the labels and the layer."""
+    everything but the labels and the layer.
+
+    ``multi_label`` declares a sigmoid head (a transformers folder whose config says
+    ``problem_type: multi_label_classification`` is one by itself): a label is present at
+    ``p >= presence_threshold`` (default 0.5), or at the threshold ``label_thresholds`` (a
+    label -> threshold JSON file, copied into the archive) gives it."""
     if topk < 1:
         raise ValueError(f"topk must be at least 1, got {topk}")
+    if presence_threshold is not None:
+        presence_threshold = check_presence_threshold(presence_threshold, "--threshold")
+    if label_thresholds is not None and not Path(label_thresholds).is_file():
+        raise FileNotFoundError(f"label thresholds file {label_thresholds} does not exist")
     if pretrained is not None or (architecture or "").startswith(TimmSource.prefix):
         if preprocessing is not None or model_file is not None:
             raise ValueError(
@@ -261,10 +282,47 @@ def write_model_dir(
             weights, architecture, labels, model_file, model_class
         )
         built.preprocessing = preprocessing or make_preprocessing()
+    head = _head(built, multi_label, presence_threshold, label_thresholds)
     return _write_built(
         Path(out_dir), built, label_list, labels_from, target_layer, target_layout, topk,
-        serving, model_file, model_class,
+        serving, model_file, model_class, head,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Head:
+    """A single-label (softmax) head, or a multi-label one with its thresholds."""
+
+    multi_label: bool = False
+    presence_threshold: float | None = None
+    label_thresholds: Path | None = None
+
+    def describe(self) -> str:
+        if not self.multi_label:
+            return "single-label (softmax)"
+        threshold = self.presence_threshold or DEFAULT_PRESENCE_THRESHOLD
+        per_label = (
+            f", per-label thresholds from {self.label_thresholds}" if self.label_thresholds else ""
+        )
+        return f"multi-label (sigmoid; present at p >= {threshold:g}{per_label})"
+
+
+def _head(built: BuiltModel, multi_label: bool, presence_threshold, label_thresholds) -> _Head:
+    """The flag, or what a transformers folder's ``problem_type`` declares; a contradiction
+    between the two is refused, and so are thresholds for a single-label head."""
+    declared = built.problem_type == MULTI_LABEL_PROBLEM
+    if multi_label and built.problem_type not in (None, MULTI_LABEL_PROBLEM):
+        raise ValueError(
+            f"--multi-label contradicts the folder's config.json (problem_type "
+            f"{built.problem_type}): fix the config or leave the flag out"
+        )
+    if not (multi_label or declared):
+        if presence_threshold is not None or label_thresholds is not None:
+            raise ValueError("--threshold and --label-thresholds apply only with --multi-label")
+        return _Head()
+    return _Head(
+        True, presence_threshold, Path(label_thresholds) if label_thresholds is not None else None
+    )
 
 
 def _torchvision_model(weights, architecture, labels, model_file, model_class):
@@ -344,6 +402,7 @@ def _write_built(
     serving: dict | None,
     model_file: str | Path | None,
     model_class: str | None,
+    head: _Head,
 ) -> ModelSummary:
     model, preprocessing, architecture = built.model, built.preprocessing, built.architecture
     size = preprocessing.input_size
@@ -361,6 +420,14 @@ def _write_built(
             f"the model outputs shape {tuple(outputs.shape)}, but there are {len(label_list)} "
             "labels: a classifier must output (N, number of labels) logits"
         )
+    if head.multi_label and len(label_list) < 2:
+        raise ValueError(
+            "--multi-label needs a model with at least two outputs (one logit per label); "
+            "this one has one"
+        )
+    if head.label_thresholds is not None:
+        default = head.presence_threshold or DEFAULT_PRESENCE_THRESHOLD
+        load_label_thresholds(head.label_thresholds, label_list, default)
     report = probe_compensable(model, target_layer, size, layout=layout)
     log.info(report.log_line(target_layer))
 
@@ -386,9 +453,18 @@ def _write_built(
         target_layout=target_layout,
         model_config=model_config,
         built_with=built_with,
+        multi_label=head.multi_label,
+        **(
+            {"presence_threshold": head.presence_threshold}
+            if head.presence_threshold is not None
+            else {}
+        ),
+        label_thresholds=LABEL_THRESHOLDS_FILE if head.label_thresholds is not None else None,
     ).to_handler_section()
     if model_file is not None:
         shutil.copy2(model_file, out_dir / model_file.name)
+    if head.label_thresholds is not None:
+        shutil.copy2(head.label_thresholds, out_dir / LABEL_THRESHOLDS_FILE)
     config = {**SERVING_DEFAULTS, **(serving or {}), "handler": section}
     (out_dir / MODEL_CONFIG).write_text(
         "# Written by camserve archive. TorchServe reads the top level; camserve, handler:.\n"
@@ -410,6 +486,7 @@ def _write_built(
         ),
         problem_type=built.problem_type,
         notes=tuple(built.notes),
+        head=head.describe(),
     )
 
 

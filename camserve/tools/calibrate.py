@@ -6,10 +6,11 @@ With them the handler's reference becomes ``calibration_mean`` (mu_k = the datas
 docs/score.md#references) and the worst-case ball uses the dataset std. The file is a plain dict
 of tensors, loaded with ``weights_only=True`` by ``camserve.explainer.load_calibration``.
 
-A second pass explains the same images (top-1 class, with the new statistics) and stores the
-shares of their zero-reference scores in the ten score bands of ``camserve.telemetry``: the
-baseline that the server exports at load and the drift rule compares live traffic with
-(docs/monitoring.md).
+A second pass explains the same images (with the new statistics) and stores the shares of
+the zero-reference scores of the model's own predictions (the top-1 class; on a multi-label
+model every present label, as the metrics count them) in the ten score bands of
+``camserve.telemetry``: the baseline that the server exports at load and the drift rule
+compares live traffic with (docs/monitoring.md).
 
 Last, the parameter-randomisation sanity check (``camserve.tools.sanity``) runs on the first
 ``sanity_images`` images and its curve and verdict go into the same file.
@@ -156,7 +157,8 @@ def score_baseline(
     progress: bool = True,
     on_batch: Callable[[list[Explanation]], None] | None = None,
 ) -> ScoreBaseline:
-    """The top-1 zero-reference scores of ``images`` as shares of the telemetry's bands;
+    """The zero-reference scores of the model's own predictions on ``images`` (the top-1
+    class; multi-label: every present label) as shares of the telemetry's bands;
     ``on_batch`` sees each batch's explanations."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -165,10 +167,20 @@ def score_baseline(
     with tqdm(total=total_images, unit="img", desc="score baseline", disable=not progress) as bar:
         while batch := list(itertools.islice(iterator, batch_size)):
             explained = explainer.explain([explainer.prepare_image(image) for image in batch])
-            scores += [item.explained.zero_reference.score for item in explained]
+            scores += [
+                block.score
+                for item in explained
+                for block, _, requested in item.monitored()
+                if not requested
+            ]
             if on_batch is not None:
                 on_batch(explained)
             bar.update(len(batch))
+    if not scores:  # only a multi-label model can predict nothing
+        raise ValueError(
+            "no calibration image has a present label: no drift baseline can be recorded; "
+            "calibrate on images of the classes the model serves"
+        )
     return ScoreBaseline.from_scores(scores)
 
 
@@ -242,7 +254,7 @@ def calibrate_model_dir(
     if baseline_images is not None:
         calibrated = Explainer(
             explainer.model, explainer.labels, config, statistics, explainer.compensation,
-            device=explainer.device,
+            device=explainer.device, thresholds=explainer.thresholds,
         )  # fmt: skip
         # The top-1 maps of this pass are the sanity check's trained maps: the reference
         # changes the score, never the map.

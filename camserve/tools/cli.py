@@ -22,6 +22,7 @@ PROGRESS_MIN_IMAGES = 8
 MODEL_OPTIONS = (
     "weights", "labels", "target_layer", "input_size", "resize", "center_crop", "mean", "std",
     "model_class", "topk", "batch_size", "target_layout",
+    "multi_label", "threshold", "label_thresholds",
 )  # fmt: skip
 
 
@@ -55,6 +56,9 @@ def _archive(args: argparse.Namespace) -> int:
         "target_layout": args.target_layout,
         "topk": args.topk or 5,
         "serving": {"batchSize": args.batch_size} if args.batch_size else None,
+        "multi_label": bool(args.multi_label),
+        "presence_threshold": args.threshold,
+        "label_thresholds": args.label_thresholds,
     }
     if args.pretrained is not None:
         model["pretrained"] = args.pretrained
@@ -370,6 +374,28 @@ def main(argv: list[str] | None = None) -> int:
     archive.add_argument("--mean", type=float, nargs=3, help="R G B (default: ImageNet)")
     archive.add_argument("--std", type=float, nargs=3, help="R G B (default: ImageNet)")
     archive.add_argument("--topk", type=int, help="classes listed per answer (default 5)")
+    # default=None: a flag not given is told apart from one given, as for the options above.
+    archive.add_argument(
+        "--multi-label",
+        action="store_true",
+        default=None,
+        help="a sigmoid head: every label scored on its own, each present label explained "
+        "(model-config.yaml: multi_label: true; a transformers folder whose config says "
+        "problem_type multi_label_classification is one without the flag)",
+    )
+    archive.add_argument(
+        "--threshold",
+        type=float,
+        help="with --multi-label: a label is present at probability >= this, in (0, 1) "
+        "(default 0.5; model-config.yaml: presence_threshold)",
+    )
+    archive.add_argument(
+        "--label-thresholds",
+        type=Path,
+        metavar="FILE",
+        help="with --multi-label: a JSON object label -> threshold for the labels that need "
+        "their own (shipped as label_thresholds.json)",
+    )
     archive.add_argument("--batch-size", type=int, help="TorchServe batchSize (default 8)")
     archive.add_argument("--name", help="model name (default: the folder, arch or class)")
     archive.add_argument("--export-path", type=Path, default=Path("model_store"))

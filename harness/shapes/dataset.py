@@ -1,4 +1,6 @@
-"""Deterministic generator of labelled shape images with ground-truth object masks.
+"""Deterministic generator of labelled shape images with ground-truth object masks: one object
+per image (``render_sample``, the ``shapes`` model) or 1 to 3 (``render_multi_sample``,
+``shapes-multi``).
 
 Sample ``i`` of a split depends only on ``(seed, i)``, so any subset can be regenerated.
 """
@@ -38,27 +40,104 @@ def render_sample(seed: int, index: int, size: int = IMAGE_SIZE) -> ShapeSample:
     extent = rng.uniform(0.22, 0.42) * size
     cx = rng.uniform(extent / 2 + 2, size - extent / 2 - 2)
     cy = rng.uniform(extent / 2 + 2, size - extent / 2 - 2)
+    mask, ink = _draw_object(rng, image, draw, CLASSES[label], cx, cy, extent)
+    return ShapeSample(image=_camera(rng, noise, image), mask=mask, label=label, ink=ink)
+
+
+@dataclass(frozen=True)
+class MultiShapeSample:
+    """An image of the multi-label variant: 1 to 3 objects of different classes."""
+
+    image: Image.Image
+    labels: tuple[int, ...]  # the classes present, in drawing order (no class twice)
+    masks: tuple[np.ndarray, ...]  # one bool H x W extent per object, as ``labels``
+    inks: tuple[np.ndarray, ...]
+
+    def mask_of(self, label: int) -> np.ndarray:
+        return self.masks[self.labels.index(label)]
+
+
+MAX_OBJECTS = 3
+
+
+def render_multi_sample(seed: int, index: int, size: int = IMAGE_SIZE) -> MultiShapeSample:
+    """1 to ``MAX_OBJECTS`` objects of distinct classes that do not touch, on the same kind of
+    background and clutter as ``render_sample``; depends only on ``(seed, index)``."""
+    rng = random.Random(f"multi:{seed}:{index}")
+    noise = np.random.default_rng([seed, index, MAX_OBJECTS])
+    labels = rng.sample(range(len(CLASSES)), rng.randint(1, MAX_OBJECTS))
+    image = _background(rng, noise, size)
+    draw = ImageDraw.Draw(image)
+    _clutter(rng, draw, size)
+    placed: list[tuple[float, float, float]] = []  # (cx, cy, bounding radius)
+    masks, inks = [], []
+    for label in labels:
+        extent, cx, cy = _free_place(rng, placed, size)
+        mask, ink = _draw_object(rng, image, draw, CLASSES[label], cx, cy, extent)
+        masks.append(mask)
+        inks.append(ink)
+    return MultiShapeSample(
+        image=_camera(rng, noise, image),
+        labels=tuple(labels),
+        masks=tuple(masks),
+        inks=tuple(inks),
+    )
+
+
+# The farthest any shape reaches from its centre, in units of extent / 2 (the square's corner).
+_REACH = 1.3
+_GAP = 3.0  # pixels between two objects' bounding circles
+
+
+def _free_place(
+    rng: random.Random, placed: list[tuple[float, float, float]], size: int
+) -> tuple[float, float, float]:
+    """An object's extent and centre whose bounding circle keeps ``_GAP`` from the others';
+    smaller objects are tried when the image gets crowded."""
+    scale = 1.0
+    while True:
+        for _ in range(50):
+            extent = rng.uniform(0.2, 0.32) * size * scale
+            reach = extent / 2 * _REACH
+            cx = rng.uniform(reach + 1, size - reach - 1)
+            cy = rng.uniform(reach + 1, size - reach - 1)
+            if all(math.hypot(cx - x, cy - y) > reach + r + _GAP for x, y, r in placed):
+                placed.append((cx, cy, reach))
+                return extent, cx, cy
+        scale *= 0.9
+
+
+def _draw_object(
+    rng: random.Random,
+    image: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    kind: str,
+    cx: float,
+    cy: float,
+    extent: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Paint one shape in a colour that stands out locally; returns (extent mask, ink)."""
+    size = image.width
     angle = rng.uniform(-math.pi, math.pi)
     ink_image = Image.new("L", (size, size), 0)
     colour = _contrasting_colour(rng, image, cx, cy)
     for target, fill in ((draw, colour), (ImageDraw.Draw(ink_image), 255)):
-        _draw_shape(target, CLASSES[label], cx, cy, extent, angle, fill)
+        _draw_shape(target, kind, cx, cy, extent, angle, fill)
     mask_image = ink_image.copy()
-    if CLASSES[label] == "ring":
+    if kind == "ring":
         # A peak in the hole points at the ring: its extent is the disk it bounds.
         _draw_shape(ImageDraw.Draw(mask_image), "circle", cx, cy, extent, angle, 255)
+    return np.asarray(mask_image) > 127, np.asarray(ink_image) > 127
 
+
+def _camera(rng: random.Random, noise: np.random.Generator, image: Image.Image) -> Image.Image:
+    """Sensor noise and, sometimes, a slight blur."""
     pixels = np.asarray(image, dtype=np.float32)
     pixels += noise.normal(0.0, rng.uniform(4.0, 14.0), pixels.shape)
     image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
     if rng.random() < 0.3:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
-    return ShapeSample(
-        image=image,
-        mask=np.asarray(mask_image) > 127,
-        label=label,
-        ink=np.asarray(ink_image) > 127,
-    )
+    return image
 
 
 def _background(rng: random.Random, noise: np.random.Generator, size: int) -> Image.Image:
@@ -155,12 +234,29 @@ def generate(seed: int, count: int, size: int = IMAGE_SIZE, start: int = 0) -> l
     return [render_sample(seed, start + i, size) for i in range(count)]
 
 
+def generate_multi(
+    seed: int, count: int, size: int = IMAGE_SIZE, start: int = 0
+) -> list[MultiShapeSample]:
+    return [render_multi_sample(seed, start + i, size) for i in range(count)]
+
+
 def to_uint8_tensors(samples: list[ShapeSample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images (N, 3, H, W) uint8, labels (N,), masks (N, H, W) bool."""
     images = torch.from_numpy(np.stack([np.asarray(s.image) for s in samples])).permute(0, 3, 1, 2)
     labels = torch.tensor([s.label for s in samples])
     masks = torch.from_numpy(np.stack([s.mask for s in samples]))
     return images.contiguous(), labels, masks
+
+
+def multi_to_uint8_tensors(
+    samples: list[MultiShapeSample],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, H, W) uint8 and multi-hot targets (N, len(CLASSES)) float."""
+    images = torch.from_numpy(np.stack([np.asarray(s.image) for s in samples])).permute(0, 3, 1, 2)
+    targets = torch.zeros(len(samples), len(CLASSES))
+    for row, sample in enumerate(samples):
+        targets[row, list(sample.labels)] = 1.0
+    return images.contiguous(), targets
 
 
 def write_examples(out_dir: str, seed: int = HELD_OUT_SEED) -> list[str]:

@@ -1,0 +1,1 @@
+../shapes/shapes_net.py
