@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 CAMSERVE := $(VENV)/bin/camserve
 INSTALLED := $(VENV)/.installed
 SHAPES_FILES := $(wildcard models/shapes/*)
+SHAPES_MULTI_FILES := $(wildcard models/shapes-multi/*)
 CORE_FILES := $(shell find camserve handlers -name '*.py' -o -name '*.json' 2>/dev/null)
 HARNESS := $(PY) -m harness
 
-.PHONY: serve stop test lint format train evaluate archive calibrate calibrate-shapes venv clean monitor monitor-stop \
+.PHONY: serve stop test lint format train train-multi evaluate archive calibrate calibrate-shapes venv clean monitor monitor-stop \
 	gallery kserve-bundle bench bench-gpu soak system-deps report-screenshot
 
 # The Debian packages whose commands the targets run. A target that needs some lists
@@ -38,6 +39,9 @@ $(INSTALLED): pyproject.toml requirements.lock
 model_store/shapes.mar: $(INSTALLED) $(SHAPES_FILES) $(CORE_FILES)
 	$(CAMSERVE) archive --model-dir models/shapes --name shapes --export-path model_store
 
+model_store/shapes-multi.mar: $(INSTALLED) $(SHAPES_MULTI_FILES) $(CORE_FILES)
+	$(CAMSERVE) archive --model-dir models/shapes-multi --name shapes-multi --export-path model_store
+
 # `make archive` builds the shapes archive; `make archive ARCH=resnet50 WEIGHTS=my.pth` packs a
 # torchvision CNN (extra options: ARCHIVE_ARGS="--labels labels.txt --input-size 224 ...").
 ARCH ?=
@@ -59,10 +63,11 @@ SHAPES_CALIBRATION_COUNT ?= 4000
 calibrate-shapes: $(INSTALLED)
 	$(HARNESS).shapes.calibrate --count $(SHAPES_CALIBRATION_COUNT)
 
-# `make serve MODELS=resnet50=resnet50_calibrated.mar` serves another archive of model_store/.
-MODELS ?= shapes=shapes.mar
+# `make serve MODELS=resnet50=resnet50_calibrated.mar` serves another archive of model_store/
+# (several: comma-separated).
+MODELS ?= shapes=shapes.mar,shapes-multi=shapes-multi.mar
 serve: SYSTEM_PACKAGES = $(JAVA_PACKAGE)
-serve: system-deps model_store/shapes.mar
+serve: system-deps model_store/shapes.mar model_store/shapes-multi.mar
 	$(HARNESS).local_torchserve serve --models $(MODELS)
 
 stop: $(INSTALLED)
@@ -77,7 +82,7 @@ monitor: system-deps $(INSTALLED)
 monitor-stop: $(INSTALLED)
 	$(HARNESS).local_prometheus stop
 
-test: system-deps model_store/shapes.mar
+test: system-deps model_store/shapes.mar model_store/shapes-multi.mar
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
@@ -105,6 +110,14 @@ train: $(INSTALLED)
 
 evaluate: $(INSTALLED)
 	$(HARNESS).shapes.evaluate --model-dir models/shapes
+	$(HARNESS).shapes.evaluate --multi-label --model-dir models/shapes-multi
+
+# Reproduces models/shapes-multi/shapes-multi.pt, its calibration and metrics (the record:
+# models/shapes-multi/training.json).
+train-multi: $(INSTALLED)
+	$(HARNESS).shapes.train --multi-label --seed 0 --count 16000 --epochs 14 --out models/shapes-multi
+	$(HARNESS).shapes.calibrate --multi-label --model-dir models/shapes-multi --count $(SHAPES_CALIBRATION_COUNT)
+	$(HARNESS).shapes.evaluate --multi-label --model-dir models/shapes-multi
 
 # Explanations on generated shapes images, most stable first: docs/gallery.png,
 # docs/overview.png (the README picture) and .run/gallery/index.html.

@@ -12,6 +12,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torchvision
@@ -26,6 +27,7 @@ from camserve.preprocess import Preprocessing
 from camserve.request import ParsedRequest, RequestOptions
 
 SHAPES_DIR = "models/shapes"
+SHAPES_MULTI_DIR = "models/shapes-multi"
 
 
 def torchvision_explainer(arch: str) -> Explainer:
@@ -126,6 +128,41 @@ def candidates(explainer: Explainer, batch: int, with_slow: bool = True) -> dict
     return runs
 
 
+def multi_label_candidates(batch: int) -> tuple[dict, dict]:
+    """``shapes-multi`` on held-out images of 1 to 3 shapes: a plain sigmoid prediction,
+    camserve explaining every present label (its default), and the same network served as a
+    single-label model with ``maps`` = the batch's largest number of present labels, what
+    explaining them cost before multi-label heads (``maps`` sets the batch's backward passes).
+    Returns the candidates and what the batch held."""
+    from harness.shapes.dataset import HELD_OUT_SEED, render_multi_sample
+
+    explainer = Explainer.from_directory(SHAPES_MULTI_DIR)
+    images = [render_multi_sample(HELD_OUT_SEED, i).image for i in range(batch)]
+    prepared = [explainer.prepare_image(image) for image in images]
+    present = [1 + len(result.more) for result in explainer.explain(prepared)]
+    single_config = replace(explainer.config, multi_label=False, label_thresholds=None)
+    single = Explainer(
+        explainer.model, explainer.labels, single_config, explainer.calibration,
+        explainer.compensation, name="shapes-multi-as-softmax",
+    )  # fmt: skip
+    options = RequestOptions(maps=max(present))
+    as_maps = [single.prepare_image(image, options) for image in images]
+    model, k = explainer.model, min(explainer.config.topk, len(explainer.labels))
+
+    def plain():
+        with torch.inference_mode():
+            x = torch.stack([item.tensor for item in prepared])
+            top = model(x).sigmoid().topk(k)
+            return top.values.cpu(), top.indices.cpu()
+
+    runs = {
+        "plain": plain,
+        "camserve": lambda: explainer.explain(prepared),
+        "camserve_maps_present": lambda: single.explain(as_maps),
+    }
+    return runs, {"maps_per_image": present, "maps_option": max(present)}
+
+
 def _torchserve_integrated_gradients(model: nn.Module, x: torch.Tensor):
     """TorchServe's own explain path: VisionHandler.get_insights (Captum IG, 15 steps)."""
     from ts.torch_handler.vision_handler import VisionHandler
@@ -216,9 +253,21 @@ def run(models: list[str], batches: list[int], repeats: int, with_slow: bool = T
                 # IG at batch 8 takes ~30 s a call: leave room for every fast round.
                 budget_s=300.0,
             )
-            plain = stats["plain"].median_s
-            results[f"{name}/batch{batch}"] = {
-                "stats": {k: v.to_json() for k, v in stats.items()},
-                "ratio_to_plain": {k: round(v.median_s / plain, 3) for k, v in stats.items()},
-            }
+            results[f"{name}/batch{batch}"] = _ratios(stats)
     return results
+
+
+def run_multi_label(batch: int, repeats: int) -> dict:
+    """``multi_label_candidates`` timed interleaved, as ``run`` times the others."""
+    runs, batch_info = multi_label_candidates(batch)
+    result = _ratios(interleaved(runs, repeats=repeats, budget_s=300.0))
+    camserve, maps = (result["stats"][k]["median_s"] for k in ("camserve", "camserve_maps_present"))
+    return {**result, **batch_info, "ratio_to_maps_present": round(camserve / maps, 3)}
+
+
+def _ratios(stats: dict) -> dict:
+    plain = stats["plain"].median_s
+    return {
+        "stats": {k: v.to_json() for k, v in stats.items()},
+        "ratio_to_plain": {k: round(v.median_s / plain, 3) for k, v in stats.items()},
+    }

@@ -348,8 +348,11 @@ class LocalTorchServe:
             )
 
 
-def _serve(server: LocalTorchServe, model: str) -> int:
+def _serve(server: LocalTorchServe, models: list[str]) -> int:
+    model, *others = models
     server.start(wait_for=model)
+    for other in others:
+        server.wait_ready(other)
     key_file = server.workdir / "key_file.json"
     print(f"TorchServe is up: inference {server.inference_url}, metrics {server.metrics_url}")
     print(f"Tokens are in {key_file}. Post an image with:\n")
@@ -362,6 +365,9 @@ def _serve(server: LocalTorchServe, model: str) -> int:
     )
     print("Or with the client (a table, and overlay PNGs in .run/overlays):\n")
     print("  .venv/bin/camserve predict examples/*.png --out .run/overlays\n")
+    if "shapes-multi" in others:
+        print("The multi-label model, one row per present label:\n")
+        print("  .venv/bin/camserve predict examples/multi/*.png --model shapes-multi\n")
     print("Stop it with: make stop")
     return 0
 
@@ -374,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--config", type=Path, default=Path("config/config.properties"))
     parser.add_argument("--model-store", type=Path, default=Path("model_store"))
-    parser.add_argument("--models", default="shapes=shapes.mar")
+    parser.add_argument("--models", default="shapes=shapes.mar", help="name=file.mar,...")
     args = parser.parse_args(argv)
     server = LocalTorchServe(
         workdir=args.workdir,
@@ -385,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "serve":
-            return _serve(server, args.models.split("=")[0])
+            return _serve(server, [m.split("=")[0] for m in args.models.split(",")])
         server.stop()
         return 0
     except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as err:

@@ -3,8 +3,12 @@ the overlay and the configuration errors. The model is ``shapes-multi`` (docs/mu
 
 from __future__ import annotations
 
+import csv
 import io
+import json
+import zipfile
 from dataclasses import replace
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -15,12 +19,15 @@ from captum.attr import LayerGradCam
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 
+from camserve.architectures import build_model
 from camserve.encode_json import explanation_json, load_schema
 from camserve.encode_png import labelled_overlays, overlay_image, overlay_png
 from camserve.errors import InputError
-from camserve.explainer import ExplainerConfig, presence_thresholds
+from camserve.explainer import Explainer, ExplainerConfig, presence_thresholds
 from camserve.gradcam import GradCam, PresentLabels
 from camserve.request import ParsedRequest, RequestOptions
+from camserve.tools.cli import main as camserve
+from camserve.tools.client import Outcome, format_table, write_csv
 from harness.shapes.dataset import CLASSES, HELD_OUT_SEED, render_multi_sample
 from tests.conftest import SHAPES_MULTI_DIR, png_bytes
 from tests.oracles import oracle
@@ -339,3 +346,122 @@ def test_threshold_file_must_name_known_labels(tmp_path):
     assert presence_thresholds(tmp_path, config, list(CLASSES)) == [0.5] * 5 + [0.01]
     with pytest.raises(ValueError, match="at least two outputs"):
         presence_thresholds(tmp_path, replace(config, label_thresholds=None), ["ring"])
+
+
+# --- Archive flags.
+
+TINY_MODEL = (
+    "from torch import nn\n\n"
+    "class Tiny(nn.Module):\n"
+    "    def __init__(self, num_classes=3):\n"
+    "        super().__init__()\n"
+    "        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())\n"
+    "        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+    "                                  nn.Linear(8, num_classes))\n\n"
+    "    def forward(self, x):\n"
+    "        return self.head(self.body(x))\n"
+)
+
+
+def tiny_model(folder, labels: list[str]) -> list[str]:
+    """A tiny custom model with one output per label; the archive arguments that build it."""
+    (folder / "tiny.py").write_text(TINY_MODEL)
+    model = build_model("Tiny", len(labels), folder / "tiny.py", "Tiny")
+    torch.save(model.state_dict(), folder / "tiny.pt")
+    (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
+    return [
+        "archive", "--model-file", str(folder / "tiny.py"), "--model-class", "Tiny",
+        "--weights", str(folder / "tiny.pt"), "--labels", str(folder / "labels.txt"),
+        "--input-size", "32", "--center-crop", "none", "--export-path", str(folder / "store"),
+    ]  # fmt: skip
+
+
+def test_archive_declares_a_multi_label_head(tmp_path, capsys):
+    args = tiny_model(tmp_path, ["cat", "dog", "bird"])
+    (tmp_path / "thresholds.json").write_text('{"bird": 0.3}')
+    code = camserve(
+        [*args, "--multi-label", "--threshold", "0.4", "--label-thresholds",
+         str(tmp_path / "thresholds.json"), "--name", "pets"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "multi-label (sigmoid; present at p >= 0.4, per-label thresholds from" in out
+    with zipfile.ZipFile(tmp_path / "store" / "pets.mar") as mar:
+        section = yaml.safe_load(mar.read("model-config.yaml"))["handler"]
+        shipped = json.loads(mar.read("label_thresholds.json"))
+        mar.extractall(tmp_path / "unpacked")
+    assert section["multi_label"] is True and section["presence_threshold"] == 0.4
+    assert section["label_thresholds"] == "label_thresholds.json" and shipped == {"bird": 0.3}
+    explainer = Explainer.from_directory(tmp_path / "unpacked")
+    assert explainer.thresholds == [0.4, 0.4, 0.3] and explainer.served.multi_label
+
+
+@pytest.mark.parametrize(
+    ("labels", "extra", "message"),
+    [
+        (["only"], ["--multi-label"], "--multi-label needs a model with at least two outputs"),
+        (["a", "b"], ["--multi-label", "--threshold", "1.5"], "strictly between 0 and 1, got 1.5"),
+        (["a", "b"], ["--multi-label", "--threshold", "0"], "strictly between 0 and 1, got 0.0"),
+        (["a", "b"], ["--threshold", "0.3"], "apply only with --multi-label"),
+        (
+            ["a", "b"],
+            ["--multi-label", "--label-thresholds", "T"],
+            "names labels the model does not have: 'hexagon'",
+        ),
+        (["a", "b"], ["--multi-label", "--label-thresholds", "MISSING"], "does not exist"),
+    ],
+)
+def test_bad_multi_label_archives_exit_2_with_one_line(tmp_path, capsys, labels, extra, message):
+    args = tiny_model(tmp_path, labels)
+    (tmp_path / "t.json").write_text('{"a": 0.5, "hexagon": 0.5}')
+    extra = [
+        str(tmp_path / "t.json") if a == "T" else str(tmp_path / "nope.json")
+        if a == "MISSING" else a
+        for a in extra
+    ]  # fmt: skip
+    code = camserve([*args, *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+def test_a_model_dir_with_a_bad_threshold_file_is_not_packed(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for item in SHAPES_MULTI_DIR.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    config = yaml.safe_load((folder / "model-config.yaml").read_text())
+    config["handler"]["label_thresholds"] = "label_thresholds.json"
+    (folder / "model-config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "label_thresholds.json").write_text('{"hexagon": 0.5}')
+    code = camserve(["archive", "--model-dir", str(folder), "--export-path", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and "names labels the model does not have: 'hexagon'" in err, err
+
+
+# --- The client's table and CSV: one row per image and label.
+
+
+def test_client_rows_and_csv_list_every_explained_label(shapes_multi_explainer, tmp_path):
+    explainer = shapes_multi_explainer
+    index = next(i for i in range(50) if len(multi_sample(i).labels) >= 2)
+    [result] = explainer.explain([prepared(explainer, index)])
+    body = explanation_json(result)
+    outcomes = [
+        Outcome(Path("multi.png"), body=body),
+        Outcome(Path("bad.png"), error="HTTP 415 nope"),
+    ]
+    labels = [body["explained"]["label"]] + [m["label"] for m in body["more_explanations"]]
+    lines = format_table(outcomes).splitlines()
+    assert lines[0].split() == ["file", "label", "probability", "present", "score", "stable"]
+    assert [line.split()[1] for line in lines[1:-1]] == labels
+    assert all(line.split()[3] == "yes" for line in lines[1:-1])
+    assert lines[-1].split()[:2] == ["bad.png", "ERROR"]
+    assert write_csv(outcomes, tmp_path / "rows.csv") == len(labels) + 1
+    with open(tmp_path / "rows.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["label"] for row in rows[:-1]] == labels
+    assert {row["file"] for row in rows[:-1]} == {"multi.png"}
+    assert all(row["present"] == "true" and row["requested"] == "false" for row in rows[:-1])
+    assert rows[-1]["error"] == "HTTP 415 nope" and rows[-1]["label"] == ""

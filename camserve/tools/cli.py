@@ -227,7 +227,13 @@ def _predict(args: argparse.Namespace) -> int:
 
     Exit code 0: every image answered; 1: some images failed (their rows say why); 2: the
     run stopped (no server, no token, no such model) or could not start."""
-    from camserve.tools.client import ClientError, RunStopped, format_table, predict_files
+    from camserve.tools.client import (
+        ClientError,
+        RunStopped,
+        format_table,
+        predict_files,
+        write_csv,
+    )
 
     paths = _input_files(args.images)
     try:
@@ -249,6 +255,9 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"camserve predict: error: {err}", file=sys.stderr)
         return 2
     print(format_table(outcomes))
+    if args.csv is not None:
+        rows = write_csv(outcomes, args.csv)
+        print(f"\nwrote {rows} row(s), one per image and explained label, to {args.csv}")
     if args.out is not None:
         written = sum(1 for o in outcomes if o.overlays)
         print(f"\nwrote {written} overlay pair(s) (*.overlay.png, *.shifted.png) to {args.out}")
@@ -310,7 +319,11 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
         default=PROTOCOLS[0],
         help="TorchServe's /predictions API (default), or a KServe v1/v2 endpoint",
     )
-    parser.add_argument("--target", help="class label or index to explain (default: top-1)")
+    parser.add_argument(
+        "--target",
+        help="class label or index to explain (default: top-1); for a multi-label model, "
+        "several labels separated by commas (default: every present label)",
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (1-32)")
     parser.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
@@ -441,11 +454,15 @@ def main(argv: list[str] | None = None) -> int:
     predict = commands.add_parser(
         "predict",
         help="explain images on a running server",
-        description=f"Post images, print file/label/probability/score/stable, save overlays. "
+        description=f"Post images, print file/label/probability/score/stable (a multi-label "
+        f"model: one row per explained label, with present), save overlays. "
         f"The token comes from ${TOKEN_ENV}, else from --key-file.",
     )
     _client_options(predict)
     predict.add_argument("--out", type=Path, help="write <name>.overlay.png and .shifted.png here")
+    predict.add_argument(
+        "--csv", type=Path, metavar="FILE", help="also write one row per image and label here"
+    )
     predict.set_defaults(run=_predict)
 
     report = commands.add_parser(

@@ -1,6 +1,6 @@
 """A client for a camserve TorchServe: post images, print a table, save the overlays.
 
-    camserve predict examples/*.png --out overlays/
+    camserve predict examples/*.png --out overlays/ --csv results.csv
 
 HTTP with ``requests``; bounded concurrency with a thread pool, since the work is waiting on
 the server. With TorchServe's inference API (``protocol="torchserve"``) each image goes as a
@@ -438,25 +438,88 @@ def predict_files(
     return outcomes
 
 
+CSV_COLUMNS = (
+    "file", "label", "index", "probability", "present", "requested", "score", "stable", "error",
+)  # fmt: skip
+
+
+def explanation_rows(body: dict) -> list[dict]:
+    """One row per explained class of an answer: the explained class and, when the answer has
+    them, ``more_explanations`` (every present label of a multi-label model). ``present`` is
+    None for a single-label model."""
+    rows = []
+    for position, item in enumerate([body["explained"], *body.get("more_explanations", [])]):
+        score = body["zero_reference"] if position == 0 else item["zero_reference"]
+        rows.append(
+            {
+                "label": item["label"],
+                "index": item.get("index"),
+                "probability": item["probability"],
+                "present": item.get("present"),
+                "requested": body["explained"].get("requested"),
+                "score": score["score"],
+                "stable": score["stable"],
+            }
+        )
+    return rows
+
+
+def write_csv(outcomes: Sequence[Outcome], path: Path) -> int:
+    """``CSV_COLUMNS``, one row per image and explained class (an error: one row with the
+    message); returns the number of rows written."""
+    import csv
+
+    count = 0
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, CSV_COLUMNS)
+        writer.writeheader()
+        for outcome in outcomes:
+            rows = explanation_rows(outcome.body) if outcome.ok else [{"error": outcome.error}]
+            for row in rows:
+                writer.writerow(
+                    {
+                        "file": str(outcome.path),
+                        **{k: _csv_value(v) for k, v in row.items()},
+                    }
+                )
+                count += 1
+    return count
+
+
+def _csv_value(value: object) -> object:
+    if value is None:
+        return ""
+    return str(value).lower() if isinstance(value, bool) else value
+
+
 def format_table(outcomes: Sequence[Outcome]) -> str:
-    """A plain-text table: file, label, probability, score, stable (or the error)."""
-    header = ("file", "label", "probability", "score", "stable")
+    """A plain-text table: file, label, probability, score, stable (or the error). An answer
+    of a multi-label model gives one row per explained label, with a ``present`` column."""
+    multi_label = any(o.ok and o.body.get("multi_label") for o in outcomes)
+    header = ("file", "label", "probability", *(("present",) if multi_label else ()))
+    header += ("score", "stable")
     rows = []
     for outcome in outcomes:
         if outcome.ok:
-            explained = outcome.body["explained"]
-            score = outcome.body["zero_reference"]
-            rows.append(
-                (
-                    str(outcome.path),
-                    explained["label"],
-                    f"{explained['probability']:.3f}",
-                    f"{score['score']:.3f}",
-                    "yes" if score["stable"] else "no",
+            explained = explanation_rows(outcome.body)
+            for row in explained if multi_label else explained[:1]:
+                present = (
+                    ()
+                    if not multi_label
+                    else ("" if row["present"] is None else "yes" if row["present"] else "no",)
                 )
-            )
+                rows.append(
+                    (
+                        str(outcome.path),
+                        row["label"],
+                        f"{row['probability']:.3f}",
+                        *present,
+                        f"{row['score']:.3f}",
+                        "yes" if row["stable"] else "no",
+                    )
+                )
         else:
-            rows.append((str(outcome.path), f"ERROR {outcome.error}", "", "", ""))
+            rows.append((str(outcome.path), f"ERROR {outcome.error}", *[""] * (len(header) - 2)))
     # Error rows span the columns after the file name, so they do not widen them.
     good = [r for r in rows if not r[1].startswith("ERROR")]
     widths = [max([len(header[i])] + [len(r[i]) for r in good]) for i in range(len(header))]

@@ -277,7 +277,31 @@ def write_examples(out_dir: str, seed: int = HELD_OUT_SEED) -> list[str]:
     return sorted(written.values())
 
 
+def write_multi_examples(out_dir: str, seed: int = HELD_OUT_SEED, count: int = 4) -> list[str]:
+    """Held-out ``shapes-multi`` PNGs, at least one with each number of objects, named after
+    the shapes they hold (``examples/multi/ring+star.png``...)."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    sizes: set[int] = set()
+    index = 0
+    while len(written) < count:
+        sample = render_multi_sample(seed, index)
+        index += 1
+        name = "+".join(sorted(CLASSES[label] for label in sample.labels))
+        if name in written or (len(sample.labels) in sizes and len(sizes) < MAX_OBJECTS):
+            continue
+        sizes.add(len(sample.labels))
+        path = out / f"{name}.png"
+        sample.image.save(path)
+        written[name] = str(path)
+    return sorted(written.values())
+
+
 if __name__ == "__main__":
     import sys
 
-    print("\n".join(write_examples(sys.argv[1] if len(sys.argv) > 1 else "examples")))
+    folder = sys.argv[1] if len(sys.argv) > 1 else "examples"
+    print("\n".join(write_examples(folder) + write_multi_examples(f"{folder}/multi")))

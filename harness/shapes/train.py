@@ -105,8 +105,11 @@ def main(argv: list[str] | None = None) -> None:
         + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
         "train_data_seed": TRAIN_SEED,
-        **({"multi_label": True, "data": "render_multi_sample", "loss": "BCEWithLogitsLoss"}
-           if args.multi_label else {}),
+        **(
+            {"multi_label": True, "data": "render_multi_sample", "loss": "BCEWithLogitsLoss"}
+            if args.multi_label
+            else {}
+        ),
         "count": args.count,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
