@@ -455,7 +455,7 @@ class Explainer:
         """Prepare an already decoded RGB image (notebooks, evaluation, calibration).
 
         ``requested_class``: a class index, or on a multi-label model a tuple of them."""
-        options = options or RequestOptions()
+        options = options or RequestOptions(maps=None)  # the model's default number of maps
         named = (
             tuple(requested_class)
             if isinstance(requested_class, tuple | list)

@@ -26,6 +26,8 @@ from camserve.errors import InputError
 from camserve.explainer import Explainer, ExplainerConfig, presence_thresholds
 from camserve.gradcam import GradCam, PresentLabels
 from camserve.request import ParsedRequest, RequestOptions
+from camserve.telemetry import ScoreBaseline
+from camserve.tools.calibrate import calibrate_model_dir
 from camserve.tools.cli import main as camserve
 from camserve.tools.client import Outcome, format_table, write_csv
 from harness.shapes.dataset import CLASSES, HELD_OUT_SEED, render_multi_sample
@@ -465,3 +467,37 @@ def test_client_rows_and_csv_list_every_explained_label(shapes_multi_explainer, 
     assert {row["file"] for row in rows[:-1]} == {"multi.png"}
     assert all(row["present"] == "true" and row["requested"] == "false" for row in rows[:-1])
     assert rows[-1]["error"] == "HTTP 415 nope" and rows[-1]["label"] == ""
+
+
+# --- Calibration: the drift baseline over present labels.
+
+
+def test_calibration_baseline_counts_the_present_labels(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for item in SHAPES_MULTI_DIR.iterdir():
+        if item.name != "calibration.pt":
+            (folder / item.name).write_bytes(item.read_bytes())
+    config = yaml.safe_load((folder / "model-config.yaml").read_text())
+    config["handler"].pop("calibration", None)
+    (folder / "model-config.yaml").write_text(yaml.safe_dump(config))
+    images = [multi_sample(i).image for i in range(12)]
+    calibrate_model_dir(
+        folder, iter(images), "test", len(images), 6, progress=False, baseline_images=iter(images)
+    )
+    explainer = Explainer.from_directory(folder)
+    baseline = explainer.score_baseline
+    own = [
+        block.score
+        for result in explainer.explain([explainer.prepare_image(image) for image in images])
+        for block, _, requested in result.monitored()
+        if not requested
+    ]
+    assert baseline.images == len(own) > len(images)  # several present labels per image
+    assert baseline == ScoreBaseline.from_scores(own)
+    # Images with no shape leave nothing to record: refused, not an empty baseline.
+    blank = [Image.new("RGB", (64, 64), (grey, grey, grey)) for grey in (40, 128, 220)]
+    with pytest.raises(ValueError, match="no calibration image has a present label"):
+        calibrate_model_dir(
+            folder, iter(blank), "test", 3, 6, progress=False, baseline_images=iter(blank)
+        )
