@@ -432,6 +432,21 @@ class Explainer:
             "compensable": self.compensation.compensable,
             # The parameter-randomisation check of calibrate; None: never checked.
             "sanity": self.sanity.describe() if self.sanity is not None else None,
+            "multi_label": self.thresholds is not None,
+            **(self._describe_multi_label() if self.thresholds is not None else {}),
+        }
+
+    def _describe_multi_label(self) -> dict:
+        default = self.config.presence_threshold
+        return {
+            "presence_threshold": default,
+            # Only the labels with their own threshold (label_thresholds).
+            "label_thresholds": {
+                label: threshold
+                for label, threshold in zip(self.labels, self.thresholds, strict=True)
+                if threshold != default
+            },
+            "maps": self.config.default_maps,
         }
 
     @property
@@ -455,7 +470,7 @@ class Explainer:
         """Prepare an already decoded RGB image (notebooks, evaluation, calibration).
 
         ``requested_class``: a class index, or on a multi-label model a tuple of them."""
-        options = options or RequestOptions(maps=None)  # the model's default number of maps
+        options = options or RequestOptions()
         named = (
             tuple(requested_class)
             if isinstance(requested_class, tuple | list)

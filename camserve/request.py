@@ -29,10 +29,14 @@ MAX_MAPS = 5
 
 @dataclass(frozen=True)
 class RequestOptions:
-    target: int | str | None = None
+    # A class index or label; a multi-label model also takes a list of them, or a string of
+    # labels separated by commas (resolved against the model's labels by the explainer).
+    target: int | str | list[int | str] | None = None
     topk: int | None = None
     images: bool = False
-    maps: int = 1  # how many classes get a map: the explained one, then the next most probable
+    # How many classes get a map: the explained one, then the next most probable (multi-label:
+    # at most this many present labels). None: the model's default (1; multi-label 5).
+    maps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -91,19 +95,35 @@ def decode_base64(encoded) -> bytes:
 
 
 def parse_options(raw: dict) -> RequestOptions:
-    target = raw.get("target")
-    if target is not None and not isinstance(target, int | str) or isinstance(target, bool):
-        raise input_error(
-            BAD_OPTION, f"'target' must be a class index or label, got {excerpt(target)}"
-        )
-    if isinstance(target, str) and not target:
-        target = None
     return RequestOptions(
-        target=target,
+        target=_parse_target(raw.get("target")),
         topk=_parse_count(raw.get("topk"), "topk", MAX_TOPK),
         images=_parse_flag(raw.get("images")),
-        maps=_parse_count(raw.get("maps"), "maps", MAX_MAPS) or 1,
+        maps=_parse_count(raw.get("maps"), "maps", MAX_MAPS),
     )
+
+
+def _parse_target(target):
+    """A class index or label, or a list of at most ``MAX_MAPS`` of them (for a multi-label
+    model; the explainer refuses a list for a single-label one). Empty: the model's choice."""
+    if isinstance(target, list):
+        if len(target) > MAX_MAPS:
+            raise input_error(
+                BAD_OPTION, f"'target' names {len(target)} labels; at most {MAX_MAPS} are explained"
+            )
+        for item in target:
+            _check_class(item)
+        return target or None
+    if target is not None:
+        _check_class(target)
+    return None if target == "" else target
+
+
+def _check_class(value) -> None:
+    if not isinstance(value, int | str) or isinstance(value, bool):
+        raise input_error(
+            BAD_OPTION, f"'target' must be a class index or label, got {excerpt(value)}"
+        )
 
 
 def _parse_count(value, name: str, limit: int) -> int | None:

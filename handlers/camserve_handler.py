@@ -85,10 +85,9 @@ class CamServeHandler(BaseHandler):
                 for protocol, read in zip(protocols, reads, strict=True)
             ]
         self.telemetry.errors(code for reply in replies for code in reply.errors)
+        # One per answer, or per explained label of a multi-label model (Explanation.monitored).
         self.telemetry.explained_batch(
-            (e.explained.zero_reference, e.explained.index, e.requested)
-            for reply in replies
-            for e in reply.explanations
+            counted for reply in replies for e in reply.explanations for counted in e.monitored()
         )
         rejected = sum(isinstance(o, InputError) for read in reads for o in read)
         log.info("camserve batch: %d items, %d rejected", len(data), rejected)

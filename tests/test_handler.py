@@ -144,7 +144,7 @@ def test_the_description_carries_the_v2_metadata_and_camserves_facts(handler):
     sanity = facts.pop("sanity")
     assert facts == {
         "target_layer": "features", "input_size": [64, 64], "classes": 6,
-        "reference": "calibration_mean", "compensable": True,
+        "reference": "calibration_mean", "compensable": True, "multi_label": False,
     }  # fmt: skip
     # The shipped calibration file's sanity check, whole: verdict, threshold, seed, curve.
     assert sanity == handler.explainer.sanity.to_dict() and sanity["verdict"] == "passed"
