@@ -53,13 +53,23 @@ def test_multipart_form_fields_arrive_as_bytes():
         ({"body": {"target": 1}}, False, "missing_image"),
         ({"body": {"image": "aGVsbG8=", "topk": -1}}, False, "bad_option"),
         ({"body": {"image": "aGVsbG8=", "topk": 10**9}}, False, "bad_option"),
-        ({"body": {"image": "aGVsbG8=", "target": [1]}}, False, "bad_option"),
+        ({"body": {"image": "aGVsbG8=", "target": [[1]]}}, False, "bad_option"),
+        ({"body": {"image": "aGVsbG8=", "target": [1, True]}}, False, "bad_option"),
+        ({"body": {"image": "aGVsbG8=", "target": list(range(6))}}, False, "bad_option"),
         ({"data": b"x", "foo": b"1"}, False, "unknown_option"),
         ({}, False, "empty_body"),
     ],
 )
 def test_bad_requests_name_the_problem(item, json_content, code):
     assert code_of(lambda: parse_item(item, json_content=json_content)) == code
+
+
+def test_a_target_list_and_an_unset_maps_are_parsed_for_the_model_to_judge():
+    encoded = base64.b64encode(small_png()).decode()
+    parsed = parse_item({"body": {"image": encoded, "target": ["square", 0]}})
+    assert parsed.options == RequestOptions(target=["square", 0], maps=None)
+    assert parse_item({"body": {"image": encoded, "target": []}}).options.target is None
+    assert parse_item({"data": small_png(), "maps": b"2"}).options.maps == 2
 
 
 def test_resolve_target():
