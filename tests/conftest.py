@@ -20,6 +20,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPES_DIR = REPO / "models" / "shapes"
 SHAPES_MULTI_DIR = REPO / "models" / "shapes-multi"
 CONFIG = REPO / "config" / "config.properties"
+# A custom model file for archive tests: one conv block, then a GAP + Linear head.
+TINY_MODEL_SOURCE = (
+    "from torch import nn\n\n"
+    "class Tiny(nn.Module):\n"
+    "    def __init__(self, num_classes=3):\n"
+    "        super().__init__()\n"
+    "        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())\n"
+    "        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+    "                                  nn.Linear(8, num_classes))\n\n"
+    "    def forward(self, x):\n"
+    "        return self.head(self.body(x))\n"
+)
 
 
 @pytest.fixture(scope="session", autouse=True)

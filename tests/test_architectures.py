@@ -29,6 +29,7 @@ from camserve.gradcam import GradCam
 from camserve.layers import auto_target_layer
 from camserve.tools.archive import build_model_archive, make_preprocessing, write_model_dir
 from camserve.tools.cli import main as camserve
+from tests.conftest import TINY_MODEL_SOURCE
 from tests.oracles import oracle
 
 SIZE = (64, 64)
@@ -207,17 +208,7 @@ def test_model_dir_with_imagenet_labels_and_auto_layer(tmp_path, resnet18_weight
 
 def test_custom_module_from_a_model_file(tmp_path):
     model_file = tmp_path / "tiny.py"
-    model_file.write_text(
-        "from torch import nn\n\n"
-        "class Tiny(nn.Module):\n"
-        "    def __init__(self, num_classes=3):\n"
-        "        super().__init__()\n"
-        "        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())\n"
-        "        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
-        "                                  nn.Linear(8, num_classes))\n\n"
-        "    def forward(self, x):\n"
-        "        return self.head(self.body(x))\n"
-    )
+    model_file.write_text(TINY_MODEL_SOURCE)
     weights = tmp_path / "tiny.pt"
     model = build_model("Tiny", 3, model_file, "Tiny")
     torch.save(model.state_dict(), weights)

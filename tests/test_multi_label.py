@@ -31,7 +31,7 @@ from camserve.tools.calibrate import calibrate_model_dir
 from camserve.tools.cli import main as camserve
 from camserve.tools.client import Outcome, format_table, write_csv
 from harness.shapes.dataset import CLASSES, HELD_OUT_SEED, render_multi_sample
-from tests.conftest import SHAPES_MULTI_DIR, png_bytes
+from tests.conftest import SHAPES_MULTI_DIR, TINY_MODEL_SOURCE, png_bytes
 from tests.oracles import oracle
 
 VALIDATOR = jsonschema.Draft202012Validator(load_schema())
@@ -352,22 +352,10 @@ def test_threshold_file_must_name_known_labels(tmp_path):
 
 # --- Archive flags.
 
-TINY_MODEL = (
-    "from torch import nn\n\n"
-    "class Tiny(nn.Module):\n"
-    "    def __init__(self, num_classes=3):\n"
-    "        super().__init__()\n"
-    "        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())\n"
-    "        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
-    "                                  nn.Linear(8, num_classes))\n\n"
-    "    def forward(self, x):\n"
-    "        return self.head(self.body(x))\n"
-)
-
 
 def tiny_model(folder, labels: list[str]) -> list[str]:
     """A tiny custom model with one output per label; the archive arguments that build it."""
-    (folder / "tiny.py").write_text(TINY_MODEL)
+    (folder / "tiny.py").write_text(TINY_MODEL_SOURCE)
     model = build_model("Tiny", len(labels), folder / "tiny.py", "Tiny")
     torch.save(model.state_dict(), folder / "tiny.pt")
     (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
