@@ -22,6 +22,10 @@ def test_bench_smoke_run_writes_results_and_chart(tmp_path):
         ratios = results["inprocess"][key]["ratio_to_plain"]
         assert set(ratios) == {"plain", "camserve", "camserve_top3", "captum_naive"}
         assert ratios["plain"] == 1.0 and all(r > 0 for r in ratios.values())
+    multi = results["inprocess"]["shapes-multi/batch2"]
+    assert set(multi["ratio_to_plain"]) == {"plain", "camserve", "camserve_maps_present"}
+    assert multi["maps_option"] == max(multi["maps_per_image"]) >= 1
+    assert multi["ratio_to_maps_present"] > 0
     e2e = results["e2e"]["shapes"]
     for variant in ("plain", "camserve"):
         assert set(e2e["variants"][variant]["statuses"]) == {"200"}

@@ -198,3 +198,14 @@ def test_kserve_bodies_carry_every_present_label(multi_server):
     VALIDATOR.validate(inner)
     assert inner == plain and len(explained_labels(inner)) >= 2
     assert all(e["present"] for e in [inner["explained"], *inner["more_explanations"]])
+
+
+def test_the_description_says_multi_label(multi_server):
+    url = f"{multi_server.management_url}/models/{MODEL}?customized=true"
+    [described] = requests.get(url, headers=multi_server.auth("management"), timeout=60).json()
+    metadata = described["customizedMetadata"]
+    metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
+    facts = metadata["camserve"]
+    assert facts["multi_label"] is True and facts["presence_threshold"] == 0.5
+    assert facts["label_thresholds"] == {} and facts["maps"] == 5
+    assert multi_server.wait_for_log(f"{MODEL} is multi-label: sigmoid probabilities")
