@@ -53,7 +53,7 @@ def test_bench_gpu_without_cuda_fails_loudly(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no results file pretending to be a measurement
 
 
-def _meta_explainer(calibrated: bool) -> Explainer:
+def _meta_explainer(calibrated: bool, multi_label: bool = False) -> Explainer:
     """The shapes network on the meta device: tensors there have shapes but no data, so any
     tensor created on the CPU by mistake, any .item() and any early copy to the CPU fails."""
     torch.manual_seed(0)
@@ -64,6 +64,7 @@ def _meta_explainer(calibrated: bool) -> Explainer:
         target_layer="features",
         preprocessing=Preprocessing(input_size=(64, 64), mean=(0.5,) * 3, std=(0.25,) * 3),
         topk=3,
+        multi_label=multi_label,
     )
     calibration = ChannelStatistics(torch.rand(128), torch.rand(128)) if calibrated else None
     # The probe's verdict is a number read back at load time: given here, not measured.
@@ -94,6 +95,27 @@ def test_the_whole_batch_stays_on_the_device_until_one_transfer(calibrated):
     assert transfers == [["meta"] * (1 + 3 * 3)]
     assert [len(r.more) for r in results] == [1, 2, 1]
     assert all(r.explained.signed_map.device.type == "cpu" for r in results)
+
+
+def test_a_multi_label_batch_stays_on_the_device_until_one_transfer():
+    """Every image names its labels, so the batch's number of maps is known on the host: the
+    one wait for the device that counting present labels needs does not happen either."""
+    explainer = _meta_explainer(calibrated=True, multi_label=True)
+    named = [(1, 4), (0,), (5, 2, 3)]
+    batch = [explainer.prepare_image(held_out(i).image, None, labels) for i, labels in
+             enumerate(named)]  # fmt: skip
+    transfers = []
+
+    def fake_transfer(tensors):
+        transfers.append([t.device.type for t in tensors])
+        # Ones: every class index and map count read back must be a valid one.
+        return [torch.ones(t.shape, dtype=t.dtype) for t in tensors]
+
+    with mock.patch("camserve.explainer.to_host", fake_transfer):
+        results = explainer.explain(batch)
+    # probabilities, 3 ranks of classes, maps and score blocks, then present flags and counts
+    assert transfers == [["meta"] * (1 + 3 * 3 + 2)]
+    assert all(r.present is not None and r.present.device.type == "cpu" for r in results)
 
 
 def test_to_host_packs_into_one_tensor_without_losing_values_or_types():
