@@ -361,7 +361,7 @@ class Explainer:
         release_freed_memory()
         # float64 on the device once here, not converted in every batch.
         self.calibration = calibration.to(self.device) if calibration is not None else None
-        self._thresholds = (
+        self._threshold_tensor = (
             torch.tensor(self.thresholds, device=self.device)
             if self.thresholds is not None
             else None
@@ -561,11 +561,11 @@ class Explainer:
         return explained
 
     def _choice(self, batch: list[PreparedImage]) -> ClassChoice:
-        if self._thresholds is None:
+        if self._threshold_tensor is None:
             extra = max(item.maps for item in batch) - 1
             return TopClasses([item.requested_class for item in batch], extra)
         return PresentLabels(
-            self._thresholds,
+            self._threshold_tensor,
             [item.requested_classes for item in batch],
             [item.maps for item in batch],
         )

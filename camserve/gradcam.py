@@ -85,7 +85,13 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 class ClassChoice(Protocol):
-    """Which classes of each image get a map, picked from the logits of the one forward."""
+    """Which classes of each image get a map, picked from the logits of the one forward.
+
+    ``present`` and ``counts`` are what a multi-label choice found (None otherwise): the (N, C)
+    present flags and how many ranks hold for each image."""
+
+    present: Tensor | None
+    counts: Tensor | None
 
     def first(self, logits: Tensor) -> Tensor:
         """(N,) the explained class of each image, from the (detached) logits."""
@@ -104,6 +110,7 @@ class TopClasses:
 
     requested: Sequence[int | None]
     extra: int = 0
+    present = counts = None  # every rank holds for every image
     _explained: Tensor | None = field(default=None, repr=False)
 
     def first(self, logits: Tensor) -> Tensor:
@@ -265,8 +272,8 @@ class GradCam:
                 explained=ClassMaps(run.explained, signed.detach()[:, 0], run.alpha),
                 activations=run.activations.detach(),
                 extra=extra,
-                present=getattr(choice, "present", None),
-                counts=getattr(choice, "counts", None),
+                present=choice.present,
+                counts=choice.counts,
             )
         finally:
             handle.remove()
