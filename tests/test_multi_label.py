@@ -27,6 +27,7 @@ from camserve.explainer import Explainer, ExplainerConfig, presence_thresholds
 from camserve.gradcam import GradCam, PresentLabels
 from camserve.request import ParsedRequest, RequestOptions
 from camserve.telemetry import ScoreBaseline
+from camserve.tools.archive import write_model_dir
 from camserve.tools.calibrate import calibrate_model_dir
 from camserve.tools.cli import main as camserve
 from camserve.tools.client import Outcome, format_table, write_csv
@@ -489,3 +490,65 @@ def test_calibration_baseline_counts_the_present_labels(tmp_path):
         calibrate_model_dir(
             folder, iter(blank), "test", 3, 6, progress=False, baseline_images=iter(blank)
         )
+
+
+# --- timm and transformers: declared by the flag, or by transformers' problem_type.
+
+
+def _every_label_equals_captum(explainer, labels) -> None:
+    """A real photo: sigmoid probabilities of the served network, every label present (the
+    thresholds are set low), and each label's map equal to Captum's for that label."""
+    from tests.library_models import jpeg_bytes, photos
+
+    image = photos()["256x256 square"]
+    request = ParsedRequest(jpeg_bytes(image), RequestOptions())
+    [result] = explainer.explain([explainer.prepare(request)])
+    x = result.image.tensor[None]
+    with torch.no_grad():
+        logits = explainer.model(x)[0]
+    torch.testing.assert_close(result.probabilities, logits.sigmoid(), atol=1e-6, rtol=0)
+    explained = (result.explained, *result.more)
+    assert sorted(e.index for e in explained) == list(range(len(labels)))
+    assert [e.index for e in explained] == logits.argsort(descending=True).tolist()
+    tap = explainer.model.get_submodule(explainer.gradcam.layer_name)
+    for item in explained:
+        captum = LayerGradCam(explainer.model, tap).attribute(x, target=item.index)[0, 0]
+        scale = captum.abs().max().clamp_min(1e-30)
+        torch.testing.assert_close(
+            item.signed_map / scale, captum.detach() / scale, atol=1e-5, rtol=0
+        )
+
+
+def test_transformers_problem_type_declares_a_multi_label_head(tmp_path):
+    from tests.library_models import LABELS, save_transformers_folder
+
+    folder = save_transformers_folder("resnet", tmp_path / "folder")
+    config = json.loads((folder / "config.json").read_text())
+    config["problem_type"] = "multi_label_classification"
+    (folder / "config.json").write_text(json.dumps(config))
+    summary = write_model_dir(tmp_path / "model", pretrained=folder, presence_threshold=0.001)
+    assert "multi-label (sigmoid; present at p >= 0.001)" in summary.describe()
+    explainer = Explainer.from_directory(tmp_path / "model")
+    assert explainer.config.multi_label and explainer.thresholds == [0.001] * len(LABELS)
+    _every_label_equals_captum(explainer, LABELS)
+    # A folder that says single-label is not turned multi-label by the flag: refused.
+    config["problem_type"] = "single_label_classification"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="--multi-label contradicts the folder's config.json"):
+        write_model_dir(tmp_path / "other", pretrained=folder, multi_label=True)
+    assert not write_model_dir(tmp_path / "plain", pretrained=folder).head.startswith("multi")
+
+
+def test_timm_model_archived_with_the_multi_label_flag(tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.library_models import LABELS, timm_model
+
+    save_file(timm_model("resnet18").state_dict(), tmp_path / "resnet18.safetensors")
+    write_model_dir(
+        tmp_path / "model", tmp_path / "resnet18.safetensors", "timm:resnet18", labels=LABELS,
+        data_config={"input_size": (64, 64)}, multi_label=True, presence_threshold=0.001,
+    )  # fmt: skip
+    explainer = Explainer.from_directory(tmp_path / "model")
+    assert explainer.served.multi_label
+    _every_label_equals_captum(explainer, LABELS)
