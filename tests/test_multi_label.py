@@ -32,6 +32,7 @@ from camserve.tools.calibrate import calibrate_model_dir
 from camserve.tools.cli import main as camserve
 from camserve.tools.client import Outcome, format_table, write_csv
 from harness.shapes.dataset import CLASSES, HELD_OUT_SEED, render_multi_sample
+from harness.shapes.evaluate import evaluate_multi
 from tests.conftest import SHAPES_MULTI_DIR, TINY_MODEL_SOURCE, png_bytes
 from tests.oracles import oracle
 
@@ -552,3 +553,36 @@ def test_timm_model_archived_with_the_multi_label_flag(tmp_path):
     explainer = Explainer.from_directory(tmp_path / "model")
     assert explainer.served.multi_label
     _every_label_equals_captum(explainer, LABELS)
+
+
+# --- The shipped model: committed weights and record, and figures that hold.
+
+
+def test_shapes_multi_weights_are_small_and_recorded():
+    assert (SHAPES_MULTI_DIR / "shapes-multi.pt").stat().st_size <= 2 * 1024 * 1024
+    labels = json.loads((SHAPES_MULTI_DIR / "index_to_name.json").read_text())
+    assert [labels[str(i)] for i in range(len(CLASSES))] == list(CLASSES)
+    record = json.loads((SHAPES_MULTI_DIR / "training.json").read_text())
+    assert record["seed"] == 0 and record["multi_label"] and record["seconds"] > 0
+    assert "harness.shapes.train --multi-label" in record["command"]
+
+
+def test_held_out_precision_and_per_label_pointing_game(shapes_multi_explainer):
+    metrics = evaluate_multi(shapes_multi_explainer, count=200)
+    assert metrics["mean_average_precision"] >= 0.99
+    assert metrics["exact_set_accuracy"] >= 0.95
+    # Each label's map peaks on its own object, and essentially never on another one.
+    assert metrics["several_objects"]["pointing_game"] >= 0.8
+    assert metrics["several_objects"]["peak_on_another_object"] <= 0.02
+    assert metrics["several_objects"]["peak_nearest_its_own_object"] >= 0.97
+
+
+def test_multi_label_examples_are_answered_with_their_shapes(shapes_multi_explainer):
+    explainer = shapes_multi_explainer
+    paths = sorted((SHAPES_MULTI_DIR.parents[1] / "examples" / "multi").glob("*.png"))
+    assert paths
+    images = [Image.open(path).convert("RGB") for path in paths]
+    for path, result in zip(paths, explainer.explain(list(map(explainer.prepare_image, images))),
+                            strict=True):  # fmt: skip
+        explained = {explainer.labels[e.index] for e in (result.explained, *result.more)}
+        assert explained == set(path.stem.split("+")), path.name

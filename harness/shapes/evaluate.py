@@ -79,6 +79,13 @@ def _upsampled(grad_cam: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(grid, size=shape, mode="bilinear", align_corners=False)[0, 0]
 
 
+def _distance(mask, peak: int) -> float:
+    """Pixels from the flat index ``peak`` to the nearest pixel of ``mask`` (0 inside it)."""
+    rows, columns = mask.nonzero()
+    y, x = divmod(peak, mask.shape[1])
+    return float(((rows - y) ** 2 + (columns - x) ** 2).min() ** 0.5)
+
+
 def average_precision(scores: list[float], positives: list[bool]) -> float:
     """The mean of the precisions at each positive, ranked by score (ties: the given order)."""
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
@@ -98,8 +105,12 @@ def evaluate_multi(explainer: Explainer, count: int, batch_size: int = 64) -> di
     exact = 0
     own = other = background = 0  # where each true label's map peaks
     crowded_own = crowded_other = crowded = 0  # the same, for images with several objects
+    crowded_nearest_own = 0  # ... and when the peak is nearer its own object than any other
+    missed_by: list[float] = []  # pixels from a peak outside its own object to that object
     inside_mass: list[float] = []
+    area: list[float] = []
     scores: list[float] = []
+    worst: list[float] = []
     served_true = served_false = served_own = 0  # the default answer's present labels
     for start in range(0, count, batch_size):
         samples = generate_multi(HELD_OUT_SEED, min(batch_size, count - start), start=start)
@@ -125,14 +136,20 @@ def evaluate_multi(explainer: Explainer, count: int, batch_size: int = 64) -> di
                     for c in sample.labels
                     if c != item.index
                 )
+                distances = {c: _distance(sample.mask_of(c), peak) for c in sample.labels}
+                if not hit:
+                    missed_by.append(distances[item.index])
                 own += hit
                 other += elsewhere
                 background += not hit and not elsewhere
                 crowded_own += several and hit
                 crowded_other += several and elsewhere
+                crowded_nearest_own += several and min(distances, key=distances.get) == item.index
                 total = float(upsampled.sum())
                 inside_mass.append(float(upsampled[mask].sum()) / total if total > 0 else 0.0)
+                area.append(float(mask.float().mean()))
                 scores.append(item.zero_reference.score)
+                worst.append(item.zero_reference.worst_case.score)
             for item in (default.explained, *default.more):
                 if not default.is_present(item.index):
                     continue
@@ -162,8 +179,14 @@ def evaluate_multi(explainer: Explainer, count: int, batch_size: int = 64) -> di
             "labels": crowded,
             "pointing_game": crowded_own / crowded,
             "peak_on_another_object": crowded_other / crowded,
+            "peak_nearest_its_own_object": crowded_nearest_own / crowded,
+        },
+        "peak_outside_own_object_distance_px": {
+            "median": statistics.median(missed_by) if missed_by else 0.0,
+            "p90": statistics.quantiles(missed_by, n=10)[-1] if len(missed_by) > 1 else 0.0,
         },
         "mass_inside_own_mask_mean": statistics.fmean(inside_mass),
+        "own_mask_area_fraction_mean": statistics.fmean(area),
         "served": {
             "explained_present_labels": served_true + served_false,
             "false_present_labels": served_false,
@@ -171,6 +194,7 @@ def evaluate_multi(explainer: Explainer, count: int, batch_size: int = 64) -> di
         },
         "score_median": statistics.median(scores),
         "score_p90": statistics.quantiles(scores, n=10)[-1],
+        "worst_case_score_median": statistics.median(worst),
         "stable_fraction": sum(s <= explainer.config.score.threshold for s in scores) / len(scores),
         "reference": result.explained.zero_reference.reference,
         "compensable": explainer.compensation.compensable,
@@ -186,26 +210,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     explainer = Explainer.from_directory(args.model_dir)
-    if args.multi_label:
-        metrics = evaluate_multi(explainer, args.count)
-        (args.model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        print(json.dumps(metrics, indent=2))
-        return
-    metrics = evaluate(explainer, args.count)
+    measure = evaluate_multi if args.multi_label else evaluate
+    metrics = measure(explainer, args.count)
     if explainer.calibration is not None:
         # The same images against the fallback reference, for comparison.
         explainer.calibration = None
-        fallback = evaluate(explainer, args.count)
-        metrics["without_calibration"] = {
-            key: fallback[key]
-            for key in (
-                "reference",
-                "score_median",
-                "score_p90",
-                "worst_case_score_median",
-                "stable_fraction",
-            )
-        }
+        fallback = measure(explainer, args.count)
+        keys = ("reference", "score_median", "score_p90", "worst_case_score_median")
+        metrics["without_calibration"] = {key: fallback[key] for key in (*keys, "stable_fraction")}
     (args.model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
 
