@@ -277,27 +277,25 @@ def write_examples(out_dir: str, seed: int = HELD_OUT_SEED) -> list[str]:
     return sorted(written.values())
 
 
-def write_multi_examples(out_dir: str, seed: int = HELD_OUT_SEED, count: int = 4) -> list[str]:
-    """Held-out ``shapes-multi`` PNGs, at least one with each number of objects, named after
+def write_multi_examples(out_dir: str, seed: int = HELD_OUT_SEED) -> list[str]:
+    """Held-out ``shapes-multi`` PNGs with 1, 2 and 3 objects and no shape twice, named after
     the shapes they hold (``examples/multi/ring+star.png``...)."""
     from pathlib import Path
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written: dict[str, str] = {}
-    sizes: set[int] = set()
-    index = 0
-    while len(written) < count:
-        sample = render_multi_sample(seed, index)
-        index += 1
-        name = "+".join(sorted(CLASSES[label] for label in sample.labels))
-        if name in written or (len(sample.labels) in sizes and len(sizes) < MAX_OBJECTS):
-            continue
-        sizes.add(len(sample.labels))
-        path = out / f"{name}.png"
+    written, used, index = [], set(), 0
+    for size in range(1, MAX_OBJECTS + 1):
+        while True:
+            sample = render_multi_sample(seed, index)
+            index += 1
+            if len(sample.labels) == size and not used & set(sample.labels):
+                break
+        used |= set(sample.labels)
+        path = out / ("+".join(sorted(CLASSES[label] for label in sample.labels)) + ".png")
         sample.image.save(path)
-        written[name] = str(path)
-    return sorted(written.values())
+        written.append(str(path))
+    return written
 
 
 if __name__ == "__main__":
