@@ -11,6 +11,7 @@ import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -122,7 +123,7 @@ def test_client_shows_every_present_label(multi_server, tmp_path, monkeypatch, c
     code = camserve(
         ["predict", *map(str, paths), "--url", multi_server.inference_url, "--model", MODEL,
          "--key-file", str(multi_server.workdir / "key_file.json"),
-         "--csv", str(tmp_path / "rows.csv")]
+         "--csv", str(tmp_path / "rows.csv"), "--out", str(tmp_path / "overlays")]
     )  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0, out
@@ -136,6 +137,15 @@ def test_client_shows_every_present_label(multi_server, tmp_path, monkeypatch, c
                 for label in explained_labels(a.json())]  # fmt: skip
     assert [(row["file"], row["label"]) for row in rows] == expected
     assert [tuple(line.split()[:2]) for line in lines[1 : 1 + len(expected)]] == expected
+    # One overlay pair per image and explained label: NAME.overlay.png for the first,
+    # NAME.LABEL.overlay.png for the others.
+    written = sorted(p.name for p in (tmp_path / "overlays").iterdir())
+    first = {str(p): explained_labels(a.json())[0] for p, a in zip(paths, answers, strict=True)}
+    names = [f"{Path(f).stem}.overlay.png" if first[f] == label
+             else f"{Path(f).stem}.{label}.overlay.png" for f, label in expected]  # fmt: skip
+    assert sorted(n for n in written if not n.endswith(".shifted.png")) == sorted(names)
+    assert len(written) == 2 * len(expected)
+    assert f"wrote {len(expected)} overlay pair(s)" in out
 
 
 SERIES = re.compile(r"^(camserve_explanations_total)\{(?P<labels>[^}]*)\} (?P<value>\S+)$")

@@ -259,7 +259,7 @@ def _predict(args: argparse.Namespace) -> int:
         rows = write_csv(outcomes, args.csv)
         print(f"\nwrote {rows} row(s), one per image and explained label, to {args.csv}")
     if args.out is not None:
-        written = sum(1 for o in outcomes if o.overlays)
+        written = sum(len(o.overlays) // 2 for o in outcomes)
         print(f"\nwrote {written} overlay pair(s) (*.overlay.png, *.shifted.png) to {args.out}")
     failed = sum(1 for o in outcomes if not o.ok)
     if failed:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -365,18 +366,33 @@ PictureSink = Callable[[int, dict], tuple[Path, ...]]
 
 
 def overlay_writer(paths: Sequence[Path], out: Path) -> PictureSink:
-    """``camserve predict --out``: each input's overlay pair, as ``overlay_paths`` names it."""
+    """``camserve predict --out``: each input's overlay pair, as ``overlay_paths`` names it,
+    and for each further explained class (every present label of a multi-label model)
+    ``NAME.LABEL.overlay.png`` and ``NAME.LABEL.shifted.png``."""
     names = overlay_paths(paths, out)
     out.mkdir(parents=True, exist_ok=True)
 
     def write(position: int, body: dict) -> tuple[Path, ...]:
-        pictures = body.pop("images")
-        pair = names[position]
-        pair[0].write_bytes(base64.b64decode(pictures["overlay_png"]))
-        pair[1].write_bytes(base64.b64decode(pictures["shifted_overlay_png"]))
-        return pair
+        overlay, shifted = names[position]
+        written = _write_pair(body.pop("images"), overlay, shifted)
+        stem = overlay.name.removesuffix(".overlay.png")
+        for other in body.get("more_explanations", []):
+            if "images" in other:
+                label = re.sub(r"[^\w.-]", "_", other["label"])
+                written += _write_pair(
+                    other.pop("images"),
+                    out / f"{stem}.{label}.overlay.png",
+                    out / f"{stem}.{label}.shifted.png",
+                )
+        return written
 
     return write
+
+
+def _write_pair(pictures: dict, overlay: Path, shifted: Path) -> tuple[Path, Path]:
+    overlay.write_bytes(base64.b64decode(pictures["overlay_png"]))
+    shifted.write_bytes(base64.b64decode(pictures["shifted_overlay_png"]))
+    return overlay, shifted
 
 
 def predict_files(
