@@ -73,6 +73,20 @@ def _meta_explainer(calibrated: bool, multi_label: bool = False) -> Explainer:
     return Explainer(model, labels, config, calibration, report, name="m", device="meta")
 
 
+def explain_recording_transfers(explainer: Explainer, batch) -> tuple[list, list]:
+    """Explain on the meta device; the results, and the devices of each transfer to the CPU."""
+    transfers = []
+
+    def fake_transfer(tensors):
+        # Stands in for the copy to the CPU, which meta tensors cannot make: ones instead, so
+        # that every class index and map count read back is a valid one.
+        transfers.append([t.device.type for t in tensors])
+        return [torch.ones(t.shape, dtype=t.dtype) for t in tensors]
+
+    with mock.patch("camserve.explainer.to_host", fake_transfer):
+        return explainer.explain(batch), transfers
+
+
 @pytest.mark.parametrize("calibrated", [False, True], ids=["image_mean", "calibration_mean"])
 def test_the_whole_batch_stays_on_the_device_until_one_transfer(calibrated):
     explainer = _meta_explainer(calibrated)
@@ -82,15 +96,7 @@ def test_the_whole_batch_stays_on_the_device_until_one_transfer(calibrated):
     batch = [
         explainer.prepare_image(held_out(i).image, RequestOptions(maps=2 + i % 2)) for i in range(3)
     ]
-    transfers = []
-
-    def fake_transfer(tensors):
-        # Stands in for the copy to the CPU, which meta tensors cannot make: zeros instead.
-        transfers.append([t.device.type for t in tensors])
-        return [torch.zeros(t.shape, dtype=t.dtype) for t in tensors]
-
-    with mock.patch("camserve.explainer.to_host", fake_transfer):
-        results = explainer.explain(batch)
+    results, transfers = explain_recording_transfers(explainer, batch)
     # probabilities, then classes, signed maps and score blocks of the 3 explained classes
     assert transfers == [["meta"] * (1 + 3 * 3)]
     assert [len(r.more) for r in results] == [1, 2, 1]
@@ -104,15 +110,7 @@ def test_a_multi_label_batch_stays_on_the_device_until_one_transfer():
     named = [(1, 4), (0,), (5, 2, 3)]
     batch = [explainer.prepare_image(held_out(i).image, None, labels) for i, labels in
              enumerate(named)]  # fmt: skip
-    transfers = []
-
-    def fake_transfer(tensors):
-        transfers.append([t.device.type for t in tensors])
-        # Ones: every class index and map count read back must be a valid one.
-        return [torch.ones(t.shape, dtype=t.dtype) for t in tensors]
-
-    with mock.patch("camserve.explainer.to_host", fake_transfer):
-        results = explainer.explain(batch)
+    results, transfers = explain_recording_transfers(explainer, batch)
     # probabilities, 3 ranks of classes, maps and score blocks, then present flags and counts
     assert transfers == [["meta"] * (1 + 3 * 3 + 2)]
     assert all(r.present is not None and r.present.device.type == "cpu" for r in results)
