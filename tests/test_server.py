@@ -10,8 +10,7 @@ import pytest
 import requests
 
 from camserve.encode_json import load_schema
-from harness.local_torchserve import LocalTorchServe
-from tests.conftest import CONFIG, held_out, png_bytes, shapes_variant_store
+from tests.conftest import held_out, png_bytes
 
 pytestmark = pytest.mark.integration
 VALIDATOR = jsonschema.Draft202012Validator(load_schema())
@@ -98,33 +97,24 @@ def test_bad_image_gets_a_json_4xx(server):
     assert body["code"] == "undecodable_image" and "accepted formats" in body["message"]
 
 
-@pytest.fixture(scope="module")
-def batching_server(tmp_path_factory):
-    """The shapes archive with batchSize 4 and a long delay, so 4 concurrent posts share a batch."""
-    store = shapes_variant_store(tmp_path_factory, "batching", batchSize=4, maxBatchDelay=5000)
-    ts = LocalTorchServe.on_free_ports(tmp_path_factory.mktemp("ts_batching"), CONFIG, store)
-    ts.start()
-    yield ts
-    ts.stop()
-
-
 def test_corrupt_image_in_a_concurrent_batch(batching_server):
-    samples = [held_out(i) for i in range(7, 10)]
+    """A full batch (8, the session's batching server): 7 images, one of them cut short."""
+    samples = [held_out(i) for i in range(7, 14)]
     good = png_bytes(samples[0].image)
     bodies = [png_bytes(s.image) for s in samples] + [good[: len(good) // 2]]
-    paths = ["predictions", "explanations", "predictions", "predictions"]
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    paths = ["predictions", "explanations"] * 4
+    with ThreadPoolExecutor(max_workers=8) as pool:
         responses = list(
             pool.map(
                 lambda args: post(batching_server, args[0], path=args[1]),
                 zip(bodies, paths, strict=True),
             )
         )
-    for sample, response in zip(samples, responses[:3], strict=True):
+    for sample, response in zip(samples, responses[:7], strict=True):
         assert_explains(response, CLASSES[sample.label])
-    assert responses[3].status_code == 422
-    assert responses[3].json()["code"] == "undecodable_image"
+    assert responses[7].status_code == 422
+    assert responses[7].json()["code"] == "undecodable_image"
     # TorchServe copies the worker's log line to model_log.log after it has answered.
-    assert batching_server.wait_for_log("camserve batch: 4 items, 1 rejected")
+    assert batching_server.wait_for_log("camserve batch: 8 items, 1 rejected")
     # The worker stayed up and still answers.
     assert_explains(post(batching_server, bodies[0]), CLASSES[samples[0].label])
