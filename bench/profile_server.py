@@ -27,6 +27,8 @@ import argparse
 import datetime
 import io
 import json
+import logging
+import os
 import re
 import sys
 import tempfile
@@ -35,8 +37,11 @@ from pathlib import Path
 import psutil
 import requests
 import torch
+import yaml
 from PIL import Image
 from torchvision.transforms import v2
+from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from bench import e2e
 from bench.ab import captum_alone
@@ -159,8 +164,68 @@ def per_request(total: dict[str, float]) -> dict:
     return row
 
 
-def profile_in_process(directory: Path, picture: bytes, batch: int, repeats: int) -> dict:
-    """ms per batch of ``batch`` images, every candidate interleaved round after round."""
+class _LineCounter(logging.Handler):
+    """Counts the worker's metric lines (TorchServe logs each as ``[METRICS]...``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metric_lines = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.format(record).startswith("[METRICS]"):
+            self.metric_lines += 1
+
+
+def _context(directory: Path, model: str, batch: int) -> Context:
+    metrics = MetricsCacheYamlImpl(config_file_path=str(e2e.REPO / "config" / "metrics.yaml"))
+    metrics.initialize_cache()
+    config = yaml.safe_load((directory / "model-config.yaml").read_text())
+    context = Context(
+        model, str(directory), {"model": {"modelName": model, "modelVersion": "1.0"}},
+        batch, None, "0.12.0", metrics=metrics, model_yaml_config=config,
+    )  # fmt: skip
+    context.request_processor = [RequestProcessor({}) for _ in range(batch)]
+    context.request_ids = {i: f"req-{i}" for i in range(batch)}
+    return context
+
+
+def handlers(directory: Path, model: str, picture: bytes, batch: int):
+    """Both handlers' ``handle`` on one batch of raw JPEG items, as the worker calls it (with
+    TorchServe's own Context and metrics cache; the worker's log lines formatted and dropped,
+    as the worker formats and writes them), and the camserve handler's metric lines per batch.
+    """
+    from bench.plain_handler import PlainHandler
+    from camserve.handlers.camserve_handler import CamServeHandler
+
+    items = [{"body": picture} for _ in range(batch)]
+    made = {}
+    for name, handler_class in (
+        ("plain_handle", PlainHandler),
+        ("camserve_handle", CamServeHandler),
+    ):
+        context = _context(directory, model, batch)
+        handler = handler_class()
+        handler.initialize(context)
+        made[name] = (handler, context)
+    counter, root = _LineCounter(), logging.getLogger()
+    level = root.level
+    root.addHandler(counter)
+    root.setLevel(logging.INFO)
+    try:
+        made["camserve_handle"][0].handle(items, made["camserve_handle"][1])
+    finally:
+        root.removeHandler(counter)
+        root.setLevel(level)
+    lines = counter.metric_lines
+    calls = {name: (lambda h=h, c=c: h.handle(items, c)) for name, (h, c) in made.items()}
+    return calls, lines
+
+
+def profile_in_process(
+    directory: Path, model: str, picture: bytes, batch: int, repeats: int
+) -> dict:
+    """ms per batch of ``batch`` images, every candidate interleaved round after round; and
+    the camserve handler's metric lines for such a batch."""
     explainer = Explainer.from_directory(directory)
     request = ParsedRequest(picture, RequestOptions())
     prepared = [explainer.prepare(request) for _ in range(batch)]
@@ -191,8 +256,12 @@ def profile_in_process(directory: Path, picture: bytes, batch: int, repeats: int
             for values, indices in zip(top[0].tolist(), top[1].tolist(), strict=True)
         ]
 
+    handles, metric_lines = handlers(directory, model, picture, batch)
+    # The worker writes every log line to its stdout, which the frontend reads.
+    logging.basicConfig(stream=open(os.devnull, "w"), level=logging.INFO, force=True)  # noqa: SIM115
     stats = interleaved(
         {
+            **handles,
             "plain_decode_preprocess": lambda: [
                 transform(Image.open(io.BytesIO(picture)).convert("RGB")) for _ in range(batch)
             ],
@@ -209,7 +278,8 @@ def profile_in_process(directory: Path, picture: bytes, batch: int, repeats: int
         warmup=3,
         budget_s=300.0,
     )
-    return {name: round(1000 * s.median_s, 3) for name, s in stats.items()}
+    times = {name: round(1000 * s.median_s, 3) for name, s in stats.items()}
+    return {"ms_per_batch": times, "camserve_metric_lines_per_batch": metric_lines}
 
 
 def table(results: dict) -> str:
@@ -225,11 +295,14 @@ def table(results: dict) -> str:
         for variant, row in value["server"].items():
             cells = " | ".join(str(row[key]) for key in server_keys)
             rows.append(f"| {model} | {variant} | {cells} |")
-    in_process = [value["in_process_ms_per_batch"] for value in results["models"].values()]
-    rows += ["", "| network (ms per batch of 8) | " + " | ".join(in_process[0]) + " |"]
-    rows.append("|---" * (1 + len(in_process[0])) + "|")
-    for model, times in zip(results["models"], in_process, strict=True):
-        rows.append(f"| {model} | " + " | ".join(str(v) for v in times.values()) + " |")
+    in_process = [value["in_process"]["ms_per_batch"] for value in results["models"].values()]
+    rows += ["", "| network (ms per batch of 8) | " + " | ".join(in_process[0]) + " | camserve "
+             "metric lines per batch |"]  # fmt: skip
+    rows.append("|---" * (2 + len(in_process[0])) + "|")
+    for model, value in results["models"].items():
+        times = " | ".join(str(v) for v in value["in_process"]["ms_per_batch"].values())
+        lines = value["in_process"]["camserve_metric_lines_per_batch"]
+        rows.append(f"| {model} | {times} | {lines} |")
     return "\n".join(rows)
 
 
@@ -261,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             directory = e2e.model_dir(model, work_path)
             results["models"][model] = {
                 "server": profile_servers(work_path, model, directory, args.blocks, args.seconds),
-                "in_process_ms_per_batch": profile_in_process(
-                    directory, picture.read_bytes(), 8, args.repeats
+                "in_process": profile_in_process(
+                    directory, model, picture.read_bytes(), 8, args.repeats
                 ),
             }
     results["seconds"] = round((datetime.datetime.now(datetime.UTC) - started).total_seconds(), 1)
