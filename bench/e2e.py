@@ -39,6 +39,9 @@ DEVICE_PHRASE = "on device "
 # The picture the benchmarks post: a 400x300 JPEG (issue 24's independent measurement).
 IMAGE_SIZE = (400, 300)
 VARIANTS = ("plain", "camserve")
+# With a before tree (another checkout of camserve), its handler runs as a third server,
+# interleaved with the other two: before and after measured in the same run.
+BEFORE = "before"
 
 
 @dataclass(frozen=True)
@@ -205,14 +208,20 @@ def loadgen(targets: list[tuple[str, str]], images: list[Path], load: Load) -> l
     return json.loads(done.stdout.strip().splitlines()[-1])["servers"]
 
 
-def start_servers(workdir: Path, model: str, directory: Path) -> dict[str, LocalTorchServe]:
-    """The plain and the camserve server for ``model``, both started (stopped on failure)."""
+def start_servers(
+    workdir: Path, model: str, directory: Path, before_tree: Path | None = None
+) -> dict[str, LocalTorchServe]:
+    """The plain and the camserve server for ``model`` (and the before tree's camserve), all
+    started (stopped on failure)."""
     servers: dict[str, LocalTorchServe] = {}
+    variants = (*VARIANTS, BEFORE) if before_tree else VARIANTS
     try:
-        for variant in VARIANTS:
+        for variant in variants:
             store = workdir / f"store-{model}-{variant}"
             if variant == "plain":
                 plain_archive(directory, model, store)
+            elif variant == BEFORE:
+                archive_from_tree(before_tree, directory, model, store)
             else:
                 build_archive(directory, model, store, handler_file=HANDLER_FILE)
             server = LocalTorchServe.on_free_ports(
@@ -225,6 +234,20 @@ def start_servers(workdir: Path, model: str, directory: Path) -> dict[str, Local
             server.stop()
         raise
     return servers
+
+
+def archive_from_tree(tree: Path, directory: Path, model: str, store: Path) -> Path:
+    """``<store>/<model>.mar`` built by another checkout's own archive builder (its handler
+    and its camserve), for a before/after run."""
+    code = (
+        "import sys; from camserve.tools.archive import build_archive; "
+        "build_archive(sys.argv[1], sys.argv[2], sys.argv[3])"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(directory), model, str(store)],
+        cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)), check=True, capture_output=True,
+    )  # fmt: skip
+    return store / f"{model}.mar"
 
 
 def target(server: LocalTorchServe, model: str) -> tuple[str, str]:
@@ -272,18 +295,24 @@ def pool(blocks: list[dict]) -> dict:
 
 
 def run_ratios(measured: dict, peaks: dict[str, int], loads) -> dict[str, float]:
-    plain, ours = measured["plain"], measured["camserve"]
+    """Each camserve server's numbers over the plain one's: ``c1_p50_latency``, ... for this
+    tree, ``before_c1_p50_latency``, ... for a before tree."""
+    plain = measured["plain"]
     ratios = {}
-    for load in loads:
-        if load.judged == "p50_latency":
-            ratios[f"{load.name}_p50_latency"] = round(
-                ours[load.name]["p50_s"] / plain[load.name]["p50_s"], 3
-            )
-        else:
-            ratios[f"{load.name}_throughput"] = round(
-                ours[load.name]["throughput_rps"] / plain[load.name]["throughput_rps"], 3
-            )
-    ratios["peak_worker_rss"] = round(peaks["camserve"] / peaks["plain"], 3)
+    for variant in measured:
+        if variant == "plain":
+            continue
+        ours, prefix = measured[variant], "" if variant == "camserve" else f"{variant}_"
+        for load in loads:
+            if load.judged == "p50_latency":
+                ratios[f"{prefix}{load.name}_p50_latency"] = round(
+                    ours[load.name]["p50_s"] / plain[load.name]["p50_s"], 3
+                )
+            else:
+                ratios[f"{prefix}{load.name}_throughput"] = round(
+                    ours[load.name]["throughput_rps"] / plain[load.name]["throughput_rps"], 3
+                )
+        ratios[f"{prefix}peak_worker_rss"] = round(peaks[variant] / peaks["plain"], 3)
     return ratios
 
 
@@ -293,13 +322,14 @@ def run(
     image_sizes: dict[str, int | tuple[int, int]] | None = None,
     loads: tuple[Load, ...] | list[Load] = DEFAULT_LOADS,
     runs: int = 3,
+    before_tree: Path | None = None,
 ) -> dict:
     """Every model: ``runs`` interleaved runs; each number's median over the runs, and for
-    each ratio its median and min-max."""
+    each ratio its median and min-max. ``before_tree``: also that checkout's handler."""
     results = {}
     for model, directory in models.items():
         images = jpeg_images(workdir, (image_sizes or {}).get(model, IMAGE_SIZE))
-        servers = start_servers(workdir, model, directory)
+        servers = start_servers(workdir, model, directory, before_tree)
         try:
             rss = {v: PeakRss(worker_pid(s)) for v, s in servers.items()}
             loadgen([target(s, model) for s in servers.values()], images, Load("warm", 2, 5, 20))
@@ -333,7 +363,7 @@ def run(
 def summarise(per_run: list[dict], loads) -> dict:
     """Medians over the runs: each variant's numbers, and each ratio with its min-max."""
     variants = {}
-    for variant in VARIANTS:
+    for variant in per_run[0]["variants"]:
         runs = [r["variants"][variant] for r in per_run]
         summary = {"peak_worker_rss_mb": _median([r["peak_worker_rss_mb"] for r in runs])}
         for load in loads:

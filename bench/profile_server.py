@@ -106,10 +106,15 @@ def snapshot(server: LocalTorchServe, pids: dict[str, int]) -> dict:
 
 
 def profile_servers(
-    workdir: Path, model: str, directory: Path, blocks: int, seconds: float
+    workdir: Path,
+    model: str,
+    directory: Path,
+    blocks: int,
+    seconds: float,
+    before_tree: Path | None = None,
 ) -> dict[str, dict]:
     images = e2e.jpeg_images(workdir, e2e.IMAGE_SIZE)
-    servers = e2e.start_servers(workdir, model, directory)
+    servers = e2e.start_servers(workdir, model, directory, before_tree)
     totals: dict[str, dict[str, float]] = {v: {} for v in servers}
     try:
         pids = {
@@ -119,7 +124,8 @@ def profile_servers(
         targets = {v: e2e.target(s, model) for v, s in servers.items()}
         e2e.loadgen(list(targets.values()), images, e2e.Load("warm", 2, 5, 20))
         load = e2e.Load("c8", 8, seconds, 100_000)
-        order = [v for block in range(blocks) for v in (e2e.VARIANTS[:: 1 - 2 * (block % 2)])]
+        variants = list(servers)
+        order = [v for block in range(blocks) for v in variants[:: 1 - 2 * (block % 2)]]
         for variant in order:
             server = servers[variant]
             before = snapshot(server, pids[variant])
@@ -314,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=40, help="in-process rounds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="seconds, on shapes")
+    parser.add_argument(
+        "--before-tree", type=Path, help="another checkout: its handler as a third server"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="profile")
     args = parser.parse_args(argv)
@@ -333,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models:
             directory = e2e.model_dir(model, work_path)
             results["models"][model] = {
-                "server": profile_servers(work_path, model, directory, args.blocks, args.seconds),
+                "server": profile_servers(
+                    work_path, model, directory, args.blocks, args.seconds, args.before_tree
+                ),
                 "in_process": profile_in_process(
                     directory, model, picture.read_bytes(), 8, args.repeats
                 ),

@@ -173,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="in-process rounds (default 15)")
     parser.add_argument("--runs", type=int, help="end-to-end runs per model (default 3)")
     parser.add_argument(
+        "--before-tree",
+        type=Path,
+        help="another checkout of camserve: its handler also runs end to end, interleaved",
+    )
+    parser.add_argument(
         "--no-alternatives",
         action="store_true",
         help="in process, only plain and camserve (no Captum-naive, grad-cam package or IG)",
@@ -224,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             name: inprocess.encode_share(Explainer.from_directory(path), picture.read_bytes())
             for name, path in model_dirs.items()
         }
-        results["e2e"] = e2e.run(work_path, model_dirs, loads=loads, runs=runs)
+        results["e2e"] = e2e.run(
+            work_path, model_dirs, loads=loads, runs=runs, before_tree=args.before_tree
+        )
     checks = verdicts(results["inprocess"], results["e2e"], results["encode"])
     results["verdicts"] = checks
     results["seconds"] = round((datetime.datetime.now(datetime.UTC) - started).total_seconds(), 1)
