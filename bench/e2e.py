@@ -218,14 +218,16 @@ def start_servers(
     try:
         for variant in variants:
             store = workdir / f"store-{model}-{variant}"
+            config = CONFIG
             if variant == "plain":
                 plain_archive(directory, model, store)
             elif variant == BEFORE:
                 archive_from_tree(before_tree, directory, model, store)
+                config = tree_config(before_tree, workdir)
             else:
                 build_archive(directory, model, store, handler_file=HANDLER_FILE)
             server = LocalTorchServe.on_free_ports(
-                workdir / f"ts-{model}-{variant}", CONFIG, store, models=f"{model}={model}.mar"
+                workdir / f"ts-{model}-{variant}", config, store, models=f"{model}={model}.mar"
             )
             servers[variant] = server
             server.start(wait_for=model)
@@ -234,6 +236,22 @@ def start_servers(
             server.stop()
         raise
     return servers
+
+
+def tree_config(tree: Path, workdir: Path) -> Path:
+    """The tree's own config.properties, its metrics.yaml named by absolute path: the metrics
+    a handler may send are the ones its metrics.yaml declares (the rest are dropped)."""
+    lines = (tree / "config" / "config.properties").read_text().splitlines()
+    metrics = (tree / "config" / "metrics.yaml").resolve()
+    path = workdir / "before-config.properties"
+    path.write_text(
+        "\n".join(
+            f"metrics_config={metrics}" if line.startswith("metrics_config=") else line
+            for line in lines
+        )
+        + "\n"
+    )
+    return path
 
 
 def archive_from_tree(tree: Path, directory: Path, model: str, store: Path) -> Path:
