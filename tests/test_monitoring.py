@@ -338,7 +338,7 @@ def recorded(caplog) -> Counter:
 
 def test_a_batch_sums_its_counters_into_one_line_per_series(caplog):
     """Counters go out once per label set with the batch's count (each line costs the worker
-    and the frontend); the score histogram still observes every explanation."""
+    and the frontend), the score sum too."""
     cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
     cache.initialize_cache()
     recorder = telemetry.Telemetry(cache, MetricTypes, MODEL, [f"c{i}" for i in range(6)])
