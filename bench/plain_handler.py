@@ -80,6 +80,8 @@ class PlainHandler(BaseHandler):
         self.model = _network(model_dir, section, len(self.labels)).to(self.device)
         self.transform = _transform(section["preprocessing"])
         self.topk = min(int(section.get("topk", 5)), len(self.labels))
+        # A multi-label head scores each label on its own (sigmoid), a single-label one softmax.
+        self.multi_label = bool(section.get("multi_label", False))
         log.info(
             "plain handler %s on device %s", context.manifest["model"]["modelName"], self.device
         )
@@ -92,7 +94,9 @@ class PlainHandler(BaseHandler):
         ]
         x = torch.stack([self.transform(image) for image in images]).to(self.device)
         with torch.inference_mode():
-            top = self.model(x).softmax(dim=1).topk(self.topk)
+            logits = self.model(x)
+            scores = logits.sigmoid() if self.multi_label else logits.softmax(dim=1)
+            top = scores.topk(self.topk)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
         return [
             json.dumps(
