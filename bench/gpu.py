@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the TorchServe workers get the GPU to themselves
         results["e2e"] = e2e.run(
-            work_path, {arch: model_dir}, {arch: image_size}, loads=loads, rounds=2
+            work_path, {arch: model_dir}, {arch: image_size}, loads=loads, runs=2
         )
     device_lines = results["e2e"][arch].pop("device_lines")
     results["e2e_worker_devices"] = device_lines

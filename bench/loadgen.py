@@ -1,8 +1,13 @@
-"""Load generator, run as its own process: posts image bytes to a TorchServe on loopback.
+"""Load generator, run as its own process: posts image bytes to TorchServe servers on loopback.
 
-    python -m bench.loadgen --url http://127.0.0.1:8080/predictions/shapes --token T \
-        --image a.jpg --concurrency 8 --duration 20 --max-requests 2000
-Prints one JSON object: latencies summary, throughput and status counts.
+    python -m bench.loadgen --url http://127.0.0.1:8080/predictions/a --token=T1 \
+        --url http://127.0.0.1:9080/predictions/b --token=T2 \
+        --image a.jpg --concurrency 8 --duration 12 --max-requests 100000 --blocks 3
+
+With several servers, the blocks alternate between them in ABBA order (A B, B A, A B, ...), so
+that a slow drift of the machine falls on every server alike. Prints one JSON object: for each
+server (in the order given) its blocks, each with its latency summary, throughput, status
+counts and mean answer size.
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ def run_load(
     timeout_s: float = 60.0,
 ) -> dict:
     """Closed loop: each client posts, waits for the answer, posts again; bounded in count
-    and time."""
+    and time. ``latencies_s`` keeps every sample, for pooling blocks."""
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
     lock = threading.Lock()
     latencies: list[float] = []
     statuses: Counter = Counter()
+    answer_bytes = [0]
     issued = [0]
     deadline = time.monotonic() + duration_s
 
@@ -46,18 +52,19 @@ def run_load(
                 issued[0] += 1
             body = bodies[index % len(bodies)]
             start = time.perf_counter()
+            size = 0
             try:
-                status = session.post(
-                    url, data=body, headers=headers, timeout=timeout_s
-                ).status_code
+                response = session.post(url, data=body, headers=headers, timeout=timeout_s)
+                status, size = response.status_code, len(response.content)
             except requests.RequestException as err:
                 status = type(err).__name__
             elapsed = time.perf_counter() - start
             with lock:
                 latencies.append(elapsed)
                 statuses[str(status)] += 1
+                answer_bytes[0] += size
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
     for thread in threads:
         thread.start()
@@ -74,24 +81,50 @@ def run_load(
         "p50_s": round(statistics.median(ordered), 5),
         "p90_s": round(quantile(0.9), 5),
         "p99_s": round(quantile(0.99), 5),
+        "mean_answer_bytes": round(answer_bytes[0] / max(len(ordered), 1), 1),
         "statuses": dict(statuses),
+        # The client's own CPU: on a 2-core host it competes with the server it measures.
+        "client_cpu_s": round(time.process_time() - cpu_started, 4),
+        "latencies_s": [round(x, 6) for x in latencies],
     }
+
+
+def abba(servers: int, blocks: int) -> list[int]:
+    """The order in which ``blocks`` rounds visit ``servers`` servers: forwards, then
+    backwards, and so on (A B B A A B for two servers and three blocks)."""
+    order = []
+    for block in range(blocks):
+        ahead = list(range(servers))
+        order += ahead if block % 2 == 0 else ahead[::-1]
+    return order
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--token", required=True)
+    parser.add_argument("--url", action="append", required=True)
+    parser.add_argument("--token", action="append", required=True, help="one per --url")
     parser.add_argument("--image", type=Path, action="append", required=True)
     parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--duration", type=float, default=20.0)
-    parser.add_argument("--max-requests", type=int, default=1000)
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per block")
+    parser.add_argument("--max-requests", type=int, default=1000, help="per block")
+    parser.add_argument("--blocks", type=int, default=1, help="blocks per server")
     args = parser.parse_args()
+    if len(args.url) != len(args.token):
+        parser.error("give one --token per --url")
     bodies = [path.read_bytes() for path in args.image]
-    result = run_load(
-        args.url, args.token, bodies, args.concurrency, args.duration, args.max_requests
-    )
-    print(json.dumps(result))
+    results: list[list[dict]] = [[] for _ in args.url]
+    for index in abba(len(args.url), args.blocks):
+        results[index].append(
+            run_load(
+                args.url[index],
+                args.token[index],
+                bodies,
+                args.concurrency,
+                args.duration,
+                args.max_requests,
+            )
+        )
+    print(json.dumps({"servers": results}))
 
 
 if __name__ == "__main__":

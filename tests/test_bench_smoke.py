@@ -27,10 +27,17 @@ def test_bench_smoke_run_writes_results_and_chart(tmp_path):
     assert multi["maps_option"] == max(multi["maps_per_image"]) >= 1
     assert multi["ratio_to_maps_present"] > 0
     e2e = results["e2e"]["shapes"]
+    assert e2e["image_size"] == [400, 300]
     for variant in ("plain", "camserve"):
         assert set(e2e["variants"][variant]["statuses"]) == {"200"}
         assert e2e["variants"][variant]["peak_worker_rss_mb"] > 50
+    # The explained answer carries the map and the score: larger than top-k alone.
+    sizes = {v: e2e["variants"][v]["c1_mean_answer_bytes"] for v in ("plain", "camserve")}
+    assert 0 < sizes["plain"] < sizes["camserve"]
     assert set(e2e["ratios"]) == {"c1_p50_latency", "c8_throughput", "peak_worker_rss"}
+    for name, (low, high) in e2e["ratio_spread"].items():
+        assert low <= e2e["ratios"][name] <= high
+    assert len(e2e["runs"]) == 1 and any("median of 1 runs" in v for v in results["verdicts"])
     assert set(results["encode"]["shapes"]) == {"json_only", "with_png"}
     assert results["verdicts"]
     assert set(results["decode"]["ratio_to_full"]) == {"full_decode", "reduced_scale_decode"}

@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
-from camserve.encode_json import explanation_json, significant
+from camserve.encode_json import MAP_DECIMALS, display_cells, explanation_json, significant
 from camserve.explainer import Explainer
+from camserve.maps import peak_normalised
 from tests.conftest import held_out
 
 TINY = 1e-9
@@ -20,6 +21,18 @@ def test_significant_keeps_digits_not_decimals():
     assert significant(-4.2e-13) == -4.2e-13
     assert significant(0.0) == 0.0
     assert significant(123456.789) == 123457.0
+
+
+def test_display_cells_equal_the_torch_display_map():
+    # The encoder's numpy form of the display map: the same numbers as camserve.maps'
+    # peak_normalised rounded by torch, bit for bit (recorded answers rely on it).
+    generator = torch.Generator().manual_seed(0)
+    maps = [torch.randn(7, 7, generator=generator) * 10.0**-k for k in range(0, 12, 3)]
+    maps += [torch.zeros(8, 8), -torch.rand(8, 8), torch.full((2, 3), 0.5)]
+    maps += [torch.randint(-3, 4, (7, 7)).float() for _ in range(5)]  # ties at the peak
+    for signed in maps:
+        expected = torch.round(peak_normalised(signed).double(), decimals=MAP_DECIMALS).tolist()
+        assert display_cells(signed.numpy()) == expected
 
 
 @pytest.fixture(scope="module")

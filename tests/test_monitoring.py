@@ -225,7 +225,7 @@ def test_recorder_emits_what_torchserve_accepts(shapes_explainer, caplog):
         )
         assert emitted[(telemetry.SCORE_BANDS_METRIC, band, requested)] == 1
         assert math.isclose(
-            emitted[(telemetry.SCORE, None, requested)], result.explained.zero_reference.score
+            emitted[(telemetry.SCORE_SUM, None, requested)], result.explained.zero_reference.score
         )
     assert emitted[(telemetry.STAGE_SECONDS, "decode", None)] == pytest.approx(0.004)
     bands = {key for key in emitted if key[0] == telemetry.SCORE_BANDS_METRIC}
@@ -338,7 +338,7 @@ def recorded(caplog) -> Counter:
 
 def test_a_batch_sums_its_counters_into_one_line_per_series(caplog):
     """Counters go out once per label set with the batch's count (each line costs the worker
-    and the frontend); the score histogram still observes every explanation."""
+    and the frontend), the score sum too."""
     cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
     cache.initialize_cache()
     recorder = telemetry.Telemetry(cache, MetricTypes, MODEL, [f"c{i}" for i in range(6)])
@@ -371,10 +371,9 @@ def test_a_batch_sums_its_counters_into_one_line_per_series(caplog):
     )
     assert values[telemetry.CLASS_EXPLANATIONS, ("c1",)] == 2
     assert values[telemetry.CLASS_UNSTABLE, ("c2",)] == 1
-    counters = {key: n for key, n in lines.items() if key[0] != telemetry.SCORE}
-    assert set(counters.values()) == {1}  # one line per series
-    assert lines[telemetry.SCORE, ("false",)] == 3 and lines[telemetry.SCORE, ("true",)] == 1
-    assert values[telemetry.SCORE, ("false",)] == pytest.approx(0.62)
+    assert set(lines.values()) == {1}  # one line per series, the score sum's too
+    assert values[telemetry.SCORE_SUM, ("false",)] == pytest.approx(0.62)
+    assert values[telemetry.SCORE_SUM, ("true",)] == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize("classes", [6, telemetry.MAX_CLASS_LABELS + 1])
@@ -694,7 +693,6 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
     for requested in telemetry.REQUESTED_VALUES:
         for name in (telemetry.EXPLANATIONS, telemetry.UNSTABLE, telemetry.EMPTY_MAPS):
             expected[(name, None, requested)] = 0
-        expected[(f"{telemetry.SCORE}_count", None, requested)] = 0
         for band in telemetry.SCORE_BANDS:
             expected[(telemetry.SCORE_BANDS_METRIC, band, requested)] = 0
     for item in expected_explained:
@@ -705,7 +703,6 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
         expected[(telemetry.EXPLANATIONS, None, requested)] += 1
         expected[(telemetry.UNSTABLE, None, requested)] += not result.stable
         expected[(telemetry.EMPTY_MAPS, None, requested)] += result.map_empty
-        expected[(f"{telemetry.SCORE}_count", None, requested)] += 1
         expected[(telemetry.SCORE_BANDS_METRIC, telemetry.score_band(result.score), requested)] += 1
     assert expected[(telemetry.EXPLANATIONS, None, "true")] == len(empty)
     for label in labels:
@@ -728,16 +725,12 @@ def test_prometheus_counts_what_was_sent(server, prometheus, shapes_explainer):
             break
         time.sleep(0.5)
     assert delta(after) == expected
-    # The histogram counts every explanation, and its sum is the scores' sum.
-    for requested in telemetry.REQUESTED_VALUES:
-        assert (
-            delta(after)[(f"{telemetry.SCORE}_count", None, requested)]
-            == delta(after)[(telemetry.EXPLANATIONS, None, requested)]
-        )
-    # A histogram series appears at its first observation: TorchServe cannot create it at 0.
+    # The score sum counter adds every explanation's score (a float increment), so with the
+    # explanations counter it gives the mean score; its series exist from the load, at 0.
+    assert all((telemetry.SCORE_SUM, None, r) in before for r in telemetry.REQUESTED_VALUES)
     score_sum = sum(
-        after[(f"{telemetry.SCORE}_sum", None, requested)]
-        - before.get((f"{telemetry.SCORE}_sum", None, requested), 0.0)
+        after[(telemetry.SCORE_SUM, None, requested)]
+        - before[(telemetry.SCORE_SUM, None, requested)]
         for requested in telemetry.REQUESTED_VALUES
     )
     assert score_sum == pytest.approx(sum(r.score for r in expected_results), abs=1e-5)
