@@ -72,7 +72,8 @@ class SanityResult:
     """The cascade's curve, one step per stage from the head down, and its verdict."""
 
     verdict: str  # PASSED or FAILED
-    threshold: float
+    threshold: float  # at the verdict step
+    head_threshold: float  # at step 1, the head alone
     verdict_step: int  # the step the verdict reads: the head and the last stage (1-based)
     seed: int
     images: int
@@ -90,6 +91,7 @@ class SanityResult:
         return {
             "verdict": self.verdict,
             "threshold": self.threshold,
+            "head_threshold": self.head_threshold,
             "verdict_statistic": VERDICT_STATISTIC,
             "verdict_step": self.verdict_step,
             "seed": self.seed,
@@ -108,6 +110,7 @@ class SanityResult:
         return cls(
             verdict=entry["verdict"],
             threshold=float(entry["threshold"]),
+            head_threshold=float(entry["head_threshold"]),
             verdict_step=int(entry["verdict_step"]),
             seed=int(entry["seed"]),
             images=int(entry["images"]),
@@ -123,5 +126,6 @@ class SanityResult:
         return (
             f"sanity check {self.verdict}: median rank correlation with the trained model's "
             f"maps after each randomisation step ({self.images} images, seed {self.seed}): "
-            f"{curve}; the verdict reads step {self.verdict_step} against {self.threshold}"
+            f"{curve}; the verdict reads step {self.verdict_step} against {self.threshold} "
+            f"and step 1 against {self.head_threshold}"
         )

@@ -1,5 +1,5 @@
-"""A classifier whose Grad-CAM maps cannot depend on its learned weights: the sanity check's
-failing construction (tests/test_sanity.py), also archived as a model file for a real server.
+"""Classifiers whose Grad-CAM maps do not depend on what they learned: the sanity check's
+failing constructions (tests/test_sanity.py); FixedPathNet is also archived for a real server.
 
 Its Grad-CAM layer ``features`` holds fixed filters (buffers, never trained) and reaches the
 logits through a fixed projection (a buffer): alpha and A are the same for every value of the
@@ -40,3 +40,21 @@ class FixedPathNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         evidence = self.features(x).mean(dim=(2, 3)) @ self.projection.T
         return evidence + self.head(torch.relu(self.colour(x.mean(dim=(2, 3)))))
+
+
+class LearnedBlockFixedPathNet(nn.Module):
+    """A learned target block whose channels reach the logits only through a fixed projection;
+    the learned head reads the image's mean colour beside it. Randomising the block moves the
+    maps (A changes), randomising the head cannot (alpha is the fixed projection): the maps
+    ignore what the head learned, so the check must fail it at step 1."""
+
+    def __init__(self, num_classes: int = 6) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, CHANNELS, 5, stride=8, padding=2), nn.ReLU())
+        generator = torch.Generator().manual_seed(1)
+        self.register_buffer("projection", torch.randn(num_classes, CHANNELS, generator=generator))
+        self.head = nn.Linear(3, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        evidence = self.features(x).mean(dim=(2, 3)) @ self.projection.T
+        return evidence + self.head(x.mean(dim=(2, 3)))

@@ -28,6 +28,7 @@ from camserve.tools.calibrate import CALIBRATION_FILE, calibrate_model_dir
 from camserve.tools.cli import main as camserve
 from camserve.tools.sanity import (
     DEFAULT_THRESHOLD,
+    HEAD_THRESHOLD,
     NothingToRandomise,
     randomisation_stages,
     randomise_stage,
@@ -39,7 +40,7 @@ from camserve.tools.sanity import (
 from harness.local_torchserve import LocalTorchServe
 from harness.shapes.dataset import TRAIN_SEED, render_sample
 from tests.conftest import CONFIG, SHAPES_DIR, held_out, png_bytes
-from tests.fixed_path_net import FixedPathNet
+from tests.fixed_path_net import FixedPathNet, LearnedBlockFixedPathNet
 from tests.live import post_png
 from tests.test_architectures import _one_thread  # noqa: F401 - autouse here too
 
@@ -198,6 +199,7 @@ def test_trained_shapes_passes_and_the_fixed_path_model_fails(
     shapes = run_check(shapes_explainer, tensors, progress=False)
     assert shapes.verdict == PASSED and shapes.verdict_step == 2
     assert shapes.steps[1].rank_correlation.median < DEFAULT_THRESHOLD
+    assert shapes.steps[0].rank_correlation.median < HEAD_THRESHOLD
     assert shapes.steps[1].peak_kept < 0.5
 
     fixed = run_check(fixed_path_explainer, tensors, progress=False)
@@ -207,6 +209,23 @@ def test_trained_shapes_passes_and_the_fixed_path_model_fails(
         assert step.rank_correlation.median == pytest.approx(1.0, abs=1e-12)
         assert step.rank_correlation.p90 == pytest.approx(1.0, abs=1e-12)
         assert step.ssim.median == pytest.approx(1.0) and step.peak_kept == 1.0
+
+
+def test_a_learned_block_behind_a_fixed_path_to_the_logits_fails_at_the_head(
+    fixed_path_explainer, tensors
+):
+    """The class of the fixed-path construction where the target's own block is learned:
+    step 2 randomises that block, so A changes and the maps lose their ranking, yet the head
+    never reaches them (alpha is the fixed projection). The head step alone catches it."""
+    torch.manual_seed(0)
+    model = LearnedBlockFixedPathNet().eval()
+    explainer = Explainer(model, fixed_path_explainer.labels, fixed_path_explainer.config)
+    result = run_check(explainer, tensors, progress=False)
+    assert [step.stage for step in result.steps] == ["head", "features.0"]
+    assert result.steps[0].rank_correlation.median == pytest.approx(1.0, abs=1e-12)
+    # What the step-2 rule alone would have passed: the block's randomisation moves the maps.
+    assert result.steps[1].rank_correlation.median < DEFAULT_THRESHOLD
+    assert result.verdict == FAILED and result.head_threshold == HEAD_THRESHOLD
 
 
 def test_nothing_to_randomise_is_refused_plainly(fixed_path_explainer, tensors):

@@ -49,8 +49,11 @@ log = logging.getLogger(__name__)
 DEFAULT_SEED = 0
 DEFAULT_IMAGES = 48
 # The verdict: "failed" when the median rank correlation of the Grad-CAM maps after
-# randomising the head and the last stage (step 2) is at or above this (docs/score.md).
+# randomising the head and the last stage (step 2) is at or above DEFAULT_THRESHOLD, or when
+# the head alone (step 1) leaves them at or above HEAD_THRESHOLD: a head that cannot move
+# the maps does not reach them (docs/score.md#sanity-check).
 DEFAULT_THRESHOLD = 0.5
+HEAD_THRESHOLD = 0.9
 VERDICT_STEP = 2
 FALLBACK_STD = 0.02
 SSIM_WINDOW = 7
@@ -332,11 +335,15 @@ def verdict_step(steps: Sequence[SanityStep]) -> int:
     return min(VERDICT_STEP, len(steps))
 
 
-def verdict(steps: Sequence[SanityStep], threshold: float) -> str:
-    """Failed when the maps survive randomising the head and the last stage: their median
-    rank correlation with the trained model's maps is still at or above ``threshold``."""
+def verdict(
+    steps: Sequence[SanityStep], threshold: float, head_threshold: float = HEAD_THRESHOLD
+) -> str:
+    """Failed when the maps survive randomising the head and the last stage (their median
+    rank correlation with the trained model's maps is still at or above ``threshold``), or
+    the head alone (still at or above ``head_threshold``)."""
     survived = steps[verdict_step(steps) - 1].rank_correlation.median >= threshold
-    return FAILED if survived else PASSED
+    head_ignored = steps[0].rank_correlation.median >= head_threshold
+    return FAILED if survived or head_ignored else PASSED
 
 
 def run_check(
@@ -376,8 +383,9 @@ def run_check(
         maps, _ = signed_maps(randomised, tensors, classes, batch_size)
         steps.append(compare(trained, maps, size, stage.name))
     result = SanityResult(
-        verdict=verdict(steps, threshold),
+        verdict=verdict(steps, threshold, HEAD_THRESHOLD),
         threshold=threshold,
+        head_threshold=HEAD_THRESHOLD,
         verdict_step=verdict_step(steps),
         seed=seed,
         images=len(tensors),
