@@ -341,6 +341,16 @@ def _neither_layout(tmp_path: Path) -> list[str]:
     return ["--pretrained", str(tmp_path / "odd")]
 
 
+def _processor_setting_camserve_does_not_read(tmp_path: Path) -> list[str]:
+    """EfficientNet's rescale_offset (x / 255 - 1 before normalising): only the measurement
+    against the processor's own output can catch it."""
+    folder = save_transformers_folder("resnet", tmp_path / "r")
+    transformers.EfficientNetImageProcessor(
+        size={"height": 64, "width": 64}, rescale_offset=True
+    ).save_pretrained(folder)
+    return ["--pretrained", str(folder)]
+
+
 def _preprocessing_options_with_a_folder(tmp_path: Path) -> list[str]:
     return ["--pretrained", str(tmp_path), "--resize", "80"]
 
@@ -357,6 +367,10 @@ BAD_INPUTS = {
     "a checkpoint without a state_dict": (
         _checkpoint_without_state_dict, "checkpoint without a state_dict"),
     "a config.json in neither layout": (_neither_layout, "neither Hub layout"),
+    "a processor setting camserve does not read": (
+        _processor_setting_camserve_does_not_read,
+        r"EfficientNetImageProcessor: camserve's reading .* by up to [0-9.]+ \(on a [0-9]+x[0-9]+ "
+        r"probe image\), above the tolerance 1e-06"),
     "preprocessing options with a folder": (
         _preprocessing_options_with_a_folder, "folder's own config decides that: drop --resize"),
 }  # fmt: skip

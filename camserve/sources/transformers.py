@@ -11,6 +11,9 @@ Layers by family: ViT and DeiT at the last block's ``layernorm_before`` (after t
 only the class token reaches the head; DeiT puts a distillation token after it), Swin at its
 final ``layernorm`` (patch tokens, averaged into the head), convolutional families (ResNet,
 ConvNeXt, RegNet...) at their last convolutional feature map. Anything else is refused.
+
+The preprocessing is read from the folder's image processor and measured against it
+(camserve.sources.verify): a setting camserve does not read is refused with numbers.
 """
 
 from __future__ import annotations
@@ -31,15 +34,12 @@ CLASS_TOKEN_FAMILIES = {"vit": 1, "vit_msn": 1, "deit": 2}
 # model_type of families whose final layernorm outputs (N, h*w, C) patch tokens
 PATCH_TOKEN_FAMILIES = ("swin", "swinv2")
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
-# Image processor classes whose own resize rule camserve reproduces (crop_pct below 384 px).
-CROP_PCT_PROCESSORS = ("ConvNextImageProcessor", "ConvNextImageProcessorPil")
-# Methods an image processor may not override for camserve to reproduce it from its settings.
+# Image processor classes with a resize rule of their own that camserve reproduces
+# (crop_pct); any other setting a class reads is caught by the measurement (verify.py).
+CONVNEXT_PROCESSORS = ("ConvNextImageProcessor", "ConvNextImageProcessorPil")
+POOLFORMER_PROCESSORS = ("PoolFormerImageProcessor", "PoolFormerImageProcessorPil")
 # PIL's filter numbers -> the names camserve.preprocess (torchvision) gives them.
 PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-PIPELINE_METHODS = (
-    "preprocess", "_preprocess", "resize", "center_crop", "rescale", "normalize",
-    "rescale_and_normalize", "process_image", "pad",
-)  # fmt: skip
 
 
 class TransformersSource(Source):
@@ -89,14 +89,17 @@ class TransformersSource(Source):
         model = logits_only(self._from_pretrained(class_name, directory))
         id2label = model.config.id2label or {}
         labels = [str(id2label[i]) for i in sorted(id2label)] if id2label else None
+        notes: list[str] = []
+        preprocessing = processor_preprocessing(directory, notes)
         return BuiltModel(
             source=self,
             architecture=f"{self.prefix}{class_name}",
             model=model,
             labels=labels,
             labels_from="config.json id2label",
-            preprocessing=processor_preprocessing(directory),
+            preprocessing=preprocessing,
             problem_type=model.config.problem_type,
+            notes=notes,
         )
 
     def save(self, model: nn.Module, out_dir: Path, labels: list[str]) -> tuple[str, str]:
@@ -182,14 +185,15 @@ def _logits(module: nn.Module, inputs: tuple, output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
 
 
-def processor_preprocessing(directory: Path):
+def processor_preprocessing(directory: Path, notes: list[str] | None = None):
     """The folder's image processor, as ``AutoImageProcessor`` loads it, as a
-    ``Preprocessing``; refused when the processor has steps of its own."""
+    ``Preprocessing``: read from its settings, then measured against the processor's own
+    output (camserve.sources.verify) and refused when they differ. ``notes`` gets the
+    measured difference."""
     from transformers import AutoImageProcessor
     from transformers.image_processing_backends import PilBackend, TorchvisionBackend
-    from transformers.image_utils import pil_torch_interpolation_mapping
 
-    from camserve.preprocess import Preprocessing
+    from camserve.sources.verify import verified_note, verify_preprocessing
 
     if not (directory / "preprocessor_config.json").is_file():
         raise FileNotFoundError(
@@ -204,19 +208,29 @@ def processor_preprocessing(directory: Path):
             f"transformers cannot read {directory}/preprocessor_config.json: {first_line(err)}"
         ) from None
     kind = type(processor).__name__
-    backend = TorchvisionBackend if isinstance(processor, TorchvisionBackend) else PilBackend
-    own = [
-        m
-        for m in PIPELINE_METHODS
-        if getattr(type(processor), m, None) is not getattr(backend, m, None)
-        and not (kind in CROP_PCT_PROCESSORS and m in ("resize", "_preprocess"))
-    ]
-    if own or not isinstance(processor, TorchvisionBackend | PilBackend):
+    if not isinstance(processor, TorchvisionBackend | PilBackend):
         raise ValueError(
-            f"{kind} has preprocessing steps of its own ({', '.join(own) or 'another backend'}) "
-            "that camserve does not reproduce; it reproduces the processors that resize, "
-            "centre-crop, rescale and normalise (ViT, DeiT, BiT, CLIP, ConvNeXt...)"
+            f"{kind} is neither of transformers' torchvision and PIL image processors: camserve "
+            "reproduces the processors that resize, centre-crop, rescale and normalise"
         )
+    ours = _read_processor(processor, kind, isinstance(processor, TorchvisionBackend))
+
+    def theirs(image):
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    worst = verify_preprocessing(ours, theirs, kind)
+    if notes is not None:
+        notes.append(verified_note(kind, worst))
+    return ours
+
+
+def _read_processor(processor, kind: str, tensor_backend: bool):
+    """A ``Preprocessing`` from the processor's settings; refused when they have no fixed
+    output size (camserve batches one input size)."""
+    from transformers.image_utils import pil_torch_interpolation_mapping
+
+    from camserve.preprocess import Preprocessing
+
     if not processor.do_resize or getattr(processor, "do_pad", False):
         raise ValueError(f"{kind}: camserve needs do_resize true and do_pad false")
     size = processor.size
@@ -225,12 +239,19 @@ def processor_preprocessing(directory: Path):
         if getattr(processor, "do_center_crop", False)
         else None
     )
-    if kind in CROP_PCT_PROCESSORS:
-        edge, crop_pct = size.shortest_edge, processor.crop_pct or 224 / 256
+    crop_pct = getattr(processor, "crop_pct", None)
+    if kind in CONVNEXT_PROCESSORS:
+        edge, crop_pct = size.shortest_edge, crop_pct or 224 / 256
         if edge < 384:  # ConvNeXt's rule: shorter side to edge / crop_pct, crop edge x edge
             resize, crop = int(edge / crop_pct), (edge, edge)
         else:  # at 384 and above it warps to edge x edge
             resize = (edge, edge)
+    elif kind in POOLFORMER_PROCESSORS and crop_pct is not None:
+        # PoolFormer's rule: the size divided by crop_pct, a square one as the shorter side
+        if size.shortest_edge or size.height == size.width:
+            resize = int((size.shortest_edge or size.height) / crop_pct)
+        else:
+            resize = (int(size.height / crop_pct), int(size.width / crop_pct))
     elif size.height and size.width:
         resize = (size.height, size.width)
     elif size.shortest_edge and not size.longest_edge and crop:
@@ -244,21 +265,23 @@ def processor_preprocessing(directory: Path):
     # Each backend's own reading of the PIL filter number (torchvision's: NEAREST_EXACT...).
     mode = (
         pil_torch_interpolation_mapping[resample].value
-        if backend is TorchvisionBackend
-        else (PIL_FILTERS[int(resample)])
+        if tensor_backend
+        else PIL_FILTERS[int(resample)]
     )
     mean = processor.image_mean if processor.do_normalize else 0.0
-    std = processor.image_std if processor.do_normalize else 1.0
+    std = _three(processor.image_std if processor.do_normalize else 1.0)
+    if getattr(processor, "include_top", False):  # EfficientNet divides by std once more
+        std = tuple(s * t for s, t in zip(std, _three(processor.image_std), strict=True))
     return Preprocessing(
         input_size=crop or resize,
         resize=resize,
         center_crop=crop,
         mean=_three(mean),
-        std=_three(std),
+        std=std,
         interpolation=mode,
         crop_offset="floor",
         rescale_factor=float(processor.rescale_factor) if processor.do_rescale else 1.0,
-        backend="tensor" if backend is TorchvisionBackend else "pil",
+        backend="tensor" if tensor_backend else "pil",
     )
 
 
