@@ -2,7 +2,9 @@
 
 Each path: a timm model by name with weights (safetensors, a train.py checkpoint), a folder
 of timm's ``save_for_hf``, a folder of transformers' ``save_pretrained`` (ResNet, ConvNeXt,
-ViT, DeiT, Swin), and safetensors for torchvision. For every family, with seeded random
+ViT, DeiT, Swin, BEiT with and without mean pooling, Data2Vec-vision, DINOv2 with and without
+registers, MobileNetV2, MobileViT, EfficientNet, PoolFormer; each with its own image processor
+class), and safetensors for torchvision. For every family, with seeded random
 weights saved to folders: the layer and grid, the answer against the library's own pipeline
 (its preprocessing of the decoded photo, its model) and Captum, the map against Grad-CAM read
 by hand from the layer's raw output, the probe's answer, and the compensated-network oracle

@@ -7,10 +7,13 @@ code from the folder (``trust_remote_code`` stays off). The model returns an
 ``ImageClassifierOutput``; a forward hook on the model hands its ``.logits`` to every caller
 (Grad-CAM, Captum, the probe, calibration), and module names stay the library's own.
 
-Layers by family: ViT and DeiT at the last block's ``layernorm_before`` (after the last block
-only the class token reaches the head; DeiT puts a distillation token after it), Swin at its
-final ``layernorm`` (patch tokens, averaged into the head), convolutional families (ResNet,
-ConvNeXt, RegNet...) at their last convolutional feature map. Anything else is refused.
+Layers by family (docs/bring-your-own-model.md#timm-and-transformers-the-layer-per-family):
+the token families at the last block's first norm when the head reads the class token (ViT,
+DeiT, BEiT without mean pooling; DINOv2, whose head also reads the patch tokens' mean), or at
+the final ``layernorm`` when it averages the final patch tokens (Swin, BEiT and Data2Vec-vision
+with mean pooling); EfficientNet after its last convolution's normalisation and activation,
+PoolFormer at the head's GroupNorm; the other convolutional families (ResNet, ConvNeXt,
+MobileNetV2, MobileViT...) at their last convolutional feature map. Anything else is refused.
 
 The preprocessing is read from the folder's image processor and measured against it
 (camserve.sources.verify): a setting camserve does not read is refused with numbers.
@@ -26,13 +29,24 @@ import torch
 from torch import nn
 
 from camserve.architectures import first_line
-from camserve.grid import NCHW, TOKENS, token_layout
+from camserve.grid import NCHW, token_layout
 from camserve.sources import BuiltModel, FixedInput, Source
 
-# model_type -> tokens before the patch tokens, for families whose head reads the class token
-CLASS_TOKEN_FAMILIES = {"vit": 1, "vit_msn": 1, "deit": 2}
-# model_type of families whose final layernorm outputs (N, h*w, C) patch tokens
-PATCH_TOKEN_FAMILIES = ("swin", "swinv2")
+# model_type -> tokens before the patch tokens (class, distillation), for the token families;
+# DINOv2 with registers has config.num_register_tokens more.
+TOKEN_FAMILIES = {
+    "vit": 1, "vit_msn": 1, "deit": 2, "beit": 1, "data2vec-vision": 1, "dinov2": 1,
+    "dinov2_with_registers": 1, "swin": 0, "swinv2": 0,
+}  # fmt: skip
+# Token families whose position embeddings fix the input size.
+FIXED_GRID_FAMILIES = ("vit", "vit_msn", "deit")
+# A block's first norm, in the token families that name it so.
+BLOCK_NORMS = ("layernorm_before", "norm1")
+# Convolutional families whose last feature map the CNN rule would not take as the head sees
+# it: EfficientNet's before its normalisation and activation, PoolFormer's inside the last
+# block's MLP branch (its blocks return tuples, which the rule passes over). The layer whose
+# output the head averages instead.
+CONV_FAMILY_LAYERS = {"efficientnet": "efficientnet.encoder.top_activation", "poolformer": "norm"}
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 # Image processor classes with a resize rule of their own that camserve reproduces
 # (crop_pct); any other setting a class reads is caught by the measurement (verify.py).
@@ -56,25 +70,27 @@ class TransformersSource(Source):
         return logits_only(self._from_pretrained(class_name, directory))
 
     def target_layer(self, model: nn.Module) -> str | None:
-        family = model.config.model_type
-        if family in CLASS_TOKEN_FAMILIES:
-            norms = [n for n, _ in model.named_modules() if n.endswith(".layernorm_before")]
-            return norms[-1] if norms else None
-        if family in PATCH_TOKEN_FAMILIES:
+        config = model.config
+        family = config.model_type
+        if family in CONV_FAMILY_LAYERS:
+            return CONV_FAMILY_LAYERS[family]
+        if family not in TOKEN_FAMILIES:
+            return None
+        if _head_averages_final_patch_tokens(config):
             return f"{model.base_model_prefix}.layernorm"
-        return None
+        norms = [n for n, _ in model.named_modules() if n.rpartition(".")[2] in BLOCK_NORMS]
+        return norms[-1] if norms else None
 
     def layout(self, model: nn.Module, layer_name: str, shape: tuple[int, ...]) -> str | None:
-        family = model.config.model_type
-        if len(shape) == 3 and family in CLASS_TOKEN_FAMILIES:
-            return token_layout(CLASS_TOKEN_FAMILIES[family])
-        if len(shape) == 3 and family in PATCH_TOKEN_FAMILIES:
-            return TOKENS
+        config = model.config
+        if len(shape) == 3 and config.model_type in TOKEN_FAMILIES:
+            registers = config.num_register_tokens if "registers" in config.model_type else 0
+            return token_layout(TOKEN_FAMILIES[config.model_type] + int(registers))
         return NCHW if len(shape) == 4 else None
 
     def fixed_input(self, model: nn.Module) -> FixedInput | None:
         config = model.config
-        if config.model_type not in CLASS_TOKEN_FAMILIES:
+        if config.model_type not in FIXED_GRID_FAMILIES:
             return None
         size, patch = config.image_size, config.patch_size
         size = (size, size) if isinstance(size, int) else tuple(size)
@@ -171,6 +187,17 @@ class TransformersSource(Source):
                 + "; ".join(problems)
             )
         return model.eval()
+
+
+def _head_averages_final_patch_tokens(config) -> bool:
+    """Whether the head reads the final layer's patch tokens only through their mean: then
+    the final ``layernorm`` (an ``Identity`` in BEiT with mean pooling) is the layer. The other
+    token families read the class token (ViT, DeiT, BEiT without mean pooling), or the class
+    token next to the patch tokens' mean (DINOv2): their layer is the last block's first norm,
+    where the patch tokens also carry what the class token gathers in the last block."""
+    if config.model_type in ("swin", "swinv2"):
+        return True
+    return config.model_type in ("beit", "data2vec-vision") and bool(config.use_mean_pooling)
 
 
 def logits_only(model: nn.Module) -> nn.Module:
