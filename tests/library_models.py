@@ -181,10 +181,9 @@ def transformers_model(family: str):
         "mobilenet_v2": lambda: hf.MobileNetV2ImageProcessor(
             size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64}
         ),
-        # camserve keeps RGB: MobileViT's default flip to BGR is refused by the measurement
+        # flips the channels to BGR, as MobileViT's checkpoints expect
         "mobilevit": lambda: hf.MobileViTImageProcessor(
-            size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64},
-            do_flip_channel_order=False,
+            size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64}
         ),
         "efficientnet": lambda: hf.EfficientNetImageProcessor(size={"height": 64, "width": 64}),
         "poolformer": lambda: hf.PoolFormerImageProcessor(

@@ -81,6 +81,9 @@ def transformers_processors():
         "EfficientNet 64x64, include_top": hf.EfficientNetImageProcessor(
             size={"height": 64, "width": 64}
         ),
+        "MobileViT shortest edge 73, crop 64, BGR": hf.MobileViTImageProcessor(
+            size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64}
+        ),
     }  # fmt: skip
 
 
@@ -156,6 +159,8 @@ def test_transformers_translation_reads_the_processor(cases):
     assert poolformer.resize == 71 and poolformer.center_crop == (64, 64)  # int(64 / 0.9)
     efficientnet = cases["transformers EfficientNet 64x64, include_top"][0]
     assert efficientnet.std == (0.25,) * 3  # divided by std 0.5 twice
+    mobilevit = cases["transformers MobileViT shortest edge 73, crop 64, BGR"][0]
+    assert mobilevit.channel_order == "bgr" and mobilevit.std == (1.0,) * 3
     beit = cases["transformers BEiT 72x72 bicubic, crop 64"][0]
     assert (beit.resize, beit.center_crop, beit.interpolation) == ((72, 72), (64, 64), "bicubic")
 
@@ -192,6 +197,9 @@ MUTATIONS = {
     ),
     "rescale_factor": lambda p: replace(p, rescale_factor=p.rescale_factor * 1.01),
     "backend": lambda p: replace(p, backend="tensor" if p.backend == "pil" else "pil"),
+    "channel_order": lambda p: replace(
+        p, channel_order="bgr" if p.channel_order == "rgb" else "rgb"
+    ),
 }
 
 
@@ -247,11 +255,12 @@ def test_processors_camserve_cannot_reproduce_are_refused(tmp_path):
         processor_preprocessing(tmp_path)
 
 
-# Settings that camserve does not read, each changing the output: only the measurement
-# against the processor's own output can refuse them (camserve.sources.verify).
+# Settings where camserve's reading differs from the class's own steps: one it does not read,
+# one the class ignores (MobileViT never normalises). Only the measurement against the
+# processor's own output can refuse them (camserve.sources.verify).
 UNREAD_SETTINGS = {
     "EfficientNet rescale_offset": ("EfficientNetImageProcessor", {"rescale_offset": True}),
-    "MobileViT's flip to BGR": ("MobileViTImageProcessor", {"do_flip_channel_order": True}),
+    "MobileViT do_normalize": ("MobileViTImageProcessor", {"do_normalize": True}),
 }
 
 
@@ -320,6 +329,21 @@ def test_the_probe_images_show_each_step():
     ):
         with pytest.raises(ValueError, match="itself: .* above the tolerance"):
             verify_preprocessing(other, base, "itself")
+
+
+def test_bgr_input_and_its_overlay_background(images):
+    """``channel_order: bgr`` reverses the channels of the network input, after normalising
+    in RGB order; the overlay's background turns them back."""
+    from camserve.encode_png import network_view
+
+    rgb = Preprocessing(input_size=(64, 64), resize=(64, 64), mean=(0.4, 0.5, 0.6))
+    bgr = replace(rgb, channel_order="bgr")
+    for image in list(images.values())[:2]:
+        assert torch.equal(bgr(image), rgb(image)[[2, 1, 0]])
+        assert (
+            network_view(bgr(image), bgr.mean, bgr.std, "bgr").tobytes()
+            == network_view(rgb(image), rgb.mean, rgb.std).tobytes()
+        )
 
 
 def test_configs_written_before_the_new_fields_read_as_before(images):

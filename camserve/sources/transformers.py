@@ -309,6 +309,8 @@ def _read_processor(processor, kind: str, tensor_backend: bool):
         crop_offset="floor",
         rescale_factor=float(processor.rescale_factor) if processor.do_rescale else 1.0,
         backend="tensor" if tensor_backend else "pil",
+        # MobileViT's checkpoints take BGR: its processors flip the channels last
+        channel_order="bgr" if getattr(processor, "do_flip_channel_order", False) else "rgb",
     )
 
 
