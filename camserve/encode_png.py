@@ -74,9 +74,11 @@ def overlay_image(
     return Image.blend(background.convert("RGB"), colours, opacity)
 
 
-def network_view(tensor: Tensor, mean, std) -> Image.Image:
+def network_view(tensor: Tensor, mean, std, channel_order: str = "rgb") -> Image.Image:
     """The normalised input tensor (3, H, W) back to RGB: exactly the pixels the map refers to
     (after resize and crop), so the overlay lines up with the map."""
+    if channel_order == "bgr":  # the network took B, G, R (camserve.preprocess)
+        tensor = tensor.flip(0)
     mean_t = torch.as_tensor(mean, dtype=torch.float32)[:, None, None]
     std_t = torch.as_tensor(std, dtype=torch.float32)[:, None, None]
     pixels = tensor.detach().to(torch.float32) * std_t + mean_t
@@ -86,7 +88,10 @@ def network_view(tensor: Tensor, mean, std) -> Image.Image:
 def background_of(explanation: Explanation) -> Image.Image:
     """What the overlay is drawn on: the network's view of the image (after resize and crop)."""
     preprocessing = explanation.model.preprocessing
-    return network_view(explanation.image.tensor, preprocessing.mean, preprocessing.std)
+    return network_view(
+        explanation.image.tensor, preprocessing.mean, preprocessing.std,
+        preprocessing.channel_order,
+    )  # fmt: skip
 
 
 def render_images(

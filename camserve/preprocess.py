@@ -10,6 +10,8 @@ fields say where they differ (docs/bring-your-own-model.md#preprocessing):
 - ``crop_offset``: torchvision's ``CenterCrop`` rounds an odd margin's half, transformers
   floors it: one pixel apart.
 - ``interpolation``, ``rescale_factor``, mean and std, and how the resize reads its size.
+- ``channel_order``: ``"bgr"`` hands the network its channels reversed (MobileViT's
+  processors flip RGB to BGR), after normalising with mean and std in RGB order.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = tuple(mode.value for mode in InterpolationMode)
 BACKENDS = ("pil", "tensor")
 CROP_OFFSETS = ("round", "floor")
+CHANNEL_ORDERS = ("rgb", "bgr")
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,8 @@ class Preprocessing:
     sides by the one factor that makes the image just cover (H, W), rounding each side
     (timm's ``ResizeKeepRatio``). ``center_crop`` (optional) then crops (H, W) at the
     centre, offsets rounded or floored (``crop_offset``). The pixels are then scaled by
-    ``rescale_factor`` and normalised with ``mean`` and ``std``; the network input is
+    ``rescale_factor`` and normalised with ``mean`` and ``std`` (in RGB order); with
+    ``channel_order`` ``bgr`` the channels are then reversed. The network input is
     ``input_size``.
     """
 
@@ -53,12 +57,14 @@ class Preprocessing:
     crop_offset: str = "round"
     rescale_factor: float = 1 / 255
     backend: str = "pil"
+    channel_order: str = "rgb"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
             ("interpolation", self.interpolation, INTERPOLATIONS),
             ("crop_offset", self.crop_offset, CROP_OFFSETS),
             ("backend", self.backend, BACKENDS),
+            ("channel_order", self.channel_order, CHANNEL_ORDERS),
         ):
             if value not in allowed:
                 raise ValueError(f"preprocessing {name} {value!r} is not one of {allowed}")
@@ -92,7 +98,8 @@ class Preprocessing:
             pixels = F.resize(pixels, self._resize_size(*pixels.shape[-2:]), mode, antialias=True)
         if self.center_crop is not None:
             pixels = self._crop(pixels)
-        return self._normalise(pixels)
+        tensor = self._normalise(pixels)
+        return tensor.flip(0) if self.channel_order == "bgr" else tensor
 
     def _resize_size(self, height: int, width: int) -> list[int]:
         """The (H, W) the resize produces from a (height, width) image."""
@@ -160,6 +167,7 @@ class Preprocessing:
             crop_offset=data.get("crop_offset", defaults.crop_offset),
             rescale_factor=float(data.get("rescale_factor", defaults.rescale_factor)),
             backend=data.get("backend", defaults.backend),
+            channel_order=data.get("channel_order", defaults.channel_order),
         )
 
 

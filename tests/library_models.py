@@ -77,6 +77,19 @@ TRANSFORMERS = {
     "vit": ("vit.layers.1.layernorm_before", "cls_tokens", False),
     "deit": ("deit.layers.1.layernorm_before", "prefix2_tokens", False),
     "swin": ("swin.layernorm", "tokens", True),
+    # the head averages the last block's patch tokens: the final layernorm (an Identity)
+    "beit": ("beit.layernorm", "cls_tokens", False),
+    # use_mean_pooling false: the head reads the class token
+    "beit-class-token": ("beit.layers.1.layernorm_before", "cls_tokens", False),
+    "data2vec-vision": ("data2vec_vision.layernorm", "cls_tokens", False),
+    # the head reads the class token and the patch tokens' mean
+    "dinov2": ("dinov2.encoder.layer.1.norm1", "cls_tokens", False),
+    "dinov2-registers": ("dinov2_with_registers.encoder.layer.1.norm1", "prefix5_tokens", False),
+    "mobilenet_v2": ("mobilenet_v2.conv_1x1", "nchw", True),
+    "mobilevit": ("mobilevit.conv_1x1_exp", "nchw", True),
+    "efficientnet": ("efficientnet.encoder.top_activation", "nchw", True),
+    # the head's GroupNorm (its blocks return tuples: the CNN rule would take an MLP branch)
+    "poolformer": ("norm", "nchw", True),
 }
 
 
@@ -90,6 +103,7 @@ def transformers_model(family: str):
         num_attention_heads=2, intermediate_size=64, **labels,
     )  # fmt: skip
     convnet = dict(hidden_sizes=[16, 32], depths=[1, 1], **labels)
+    dinov2 = {k: v for k, v in vit.items() if k != "intermediate_size"} | {"mlp_ratio": 2}
     models = {
         "resnet": lambda: hf.ResNetForImageClassification(
             hf.ResNetConfig(embedding_size=16, layer_type="basic", **convnet)
@@ -105,6 +119,38 @@ def transformers_model(family: str):
                 window_size=4, **labels,
             )
         ),
+        "beit": lambda: hf.BeitForImageClassification(
+            hf.BeitConfig(use_relative_position_bias=True, **vit)
+        ),
+        "beit-class-token": lambda: hf.BeitForImageClassification(
+            hf.BeitConfig(use_mean_pooling=False, use_absolute_position_embeddings=True, **vit)
+        ),
+        "data2vec-vision": lambda: hf.Data2VecVisionForImageClassification(
+            hf.Data2VecVisionConfig(**vit)
+        ),
+        "dinov2": lambda: hf.Dinov2ForImageClassification(hf.Dinov2Config(**dinov2)),
+        "dinov2-registers": lambda: hf.Dinov2WithRegistersForImageClassification(
+            hf.Dinov2WithRegistersConfig(num_register_tokens=4, **dinov2)
+        ),
+        "mobilenet_v2": lambda: _fan_in(hf.MobileNetV2ForImageClassification(
+            hf.MobileNetV2Config(image_size=64, depth_multiplier=0.35, **labels)
+        )),
+        "mobilevit": lambda: _fan_in(hf.MobileViTForImageClassification(
+            hf.MobileViTConfig(
+                image_size=64, hidden_sizes=[16, 16, 16],
+                neck_hidden_sizes=[8, 8, 16, 16, 16, 16, 32], **labels,
+            )
+        )),
+        # hidden_dim: the width of the last convolution, 1280 * width_coefficient
+        "efficientnet": lambda: _fan_in(hf.EfficientNetForImageClassification(
+            hf.EfficientNetConfig(
+                image_size=64, width_coefficient=0.25, depth_coefficient=0.1, hidden_dim=320,
+                **labels,
+            )
+        )),
+        "poolformer": lambda: hf.PoolFormerForImageClassification(
+            hf.PoolFormerConfig(hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], **labels)
+        ),
     }  # fmt: skip
     processors = {
         # ResNet and ConvNeXt use ConvNeXt's rule: shorter side to 64 / crop_pct, crop 64.
@@ -119,9 +165,54 @@ def transformers_model(family: str):
             size={"height": 64, "width": 64}, resample=3, image_mean=[0.485, 0.456, 0.406],
             image_std=[0.229, 0.224, 0.225],
         ),
+        # The families' own processor classes (each overrides pipeline methods), at 64 px.
+        "beit": lambda: hf.BeitImageProcessor(size={"height": 64, "width": 64}),
+        "beit-class-token": lambda: hf.BeitImageProcessor(
+            size={"height": 72, "width": 72}, do_center_crop=True,
+            crop_size={"height": 64, "width": 64},
+        ),
+        "data2vec-vision": lambda: hf.BeitImageProcessor(size={"height": 64, "width": 64}),
+        "dinov2": lambda: hf.BitImageProcessor(
+            size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64}, resample=3,
+        ),
+        "dinov2-registers": lambda: hf.BitImageProcessor(
+            size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64}, resample=3,
+        ),
+        "mobilenet_v2": lambda: hf.MobileNetV2ImageProcessor(
+            size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64}
+        ),
+        # flips the channels to BGR, as MobileViT's checkpoints expect
+        "mobilevit": lambda: hf.MobileViTImageProcessor(
+            size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64}
+        ),
+        "efficientnet": lambda: hf.EfficientNetImageProcessor(size={"height": 64, "width": 64}),
+        "poolformer": lambda: hf.PoolFormerImageProcessor(
+            size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}
+        ),
     }  # fmt: skip
     torch.manual_seed(0)
     return models[family]().eval(), processors[family]()
+
+
+def _fan_in(model: torch.nn.Module) -> torch.nn.Module:
+    """Kaiming-normal convolutions and linear layers, unit-scale BatchNorms with the running
+    statistics of a seeded random batch. The library's own initialisation (normal, std 0.02,
+    BatchNorm scales included) fades these deep, narrow networks' activations to logits of
+    ~1e-7 and empty maps, which would make every comparison trivially true."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+            torch.nn.init.kaiming_normal_(module.weight)
+    for norm in norms:
+        torch.nn.init.ones_(norm.weight)
+        norm.reset_running_stats()
+        norm.momentum = None  # a plain average over the batch below
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    for norm in norms:
+        norm.momentum = 0.1
+    return model.eval()
 
 
 def save_transformers_folder(family: str, folder: Path) -> Path:

@@ -5,15 +5,20 @@ camserve.sources.timm makes of the same data config. transformers: ``AutoImagePr
 on a saved folder against the ``Preprocessing`` made of that folder. Both on a photo and its
 crops and resizes (portrait, landscape, small, odd sizes, square).
 
-The tolerance is 1e-6 on the normalised network input: float32 rounding, nothing else
-(timm divides by 255 where torchvision multiplies by 1/255, 1 ulp apart; transformers'
-torchvision backend comes out bit for bit). Then every field of ``Preprocessing`` is changed
-in turn: some case must then differ from its library's output, or refuse the change; a field
-that the pipeline ignored would pass unnoticed.
+The tolerance is camserve's own (``PREPROCESSING_TOLERANCE``, 1e-6 on the normalised network
+input): float32 rounding, nothing else (timm divides by 255 where torchvision multiplies by
+1/255, 1 ulp apart; transformers' torchvision backend comes out bit for bit). Then every field
+of ``Preprocessing`` is changed in turn: some case must then differ from its library's output,
+or refuse the change; a field that the pipeline ignored would pass unnoticed.
+
+The archive measures the same thing on its own probe images (camserve.sources.verify): image
+processors with steps of their own pass when their output is equal, and a setting camserve
+does not read is refused with the measured difference.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields, replace
 
 import pytest
@@ -25,9 +30,9 @@ from transformers import AutoImageProcessor
 from camserve.preprocess import Preprocessing
 from camserve.sources.timm import data_config_preprocessing
 from camserve.sources.transformers import processor_preprocessing
+from camserve.sources.verify import PREPROCESSING_TOLERANCE as TOLERANCE
+from camserve.sources.verify import PROBE_SIZES, probe_images, verify_preprocessing
 from tests.library_models import photos
-
-TOLERANCE = 1e-6
 
 # name -> (timm pretrained config, overrides): bicubic and bilinear, crop_pct 0.95/0.875/0.9,
 # ImageNet and 0.5 normalisation, the squash mode, a non-square input (ResizeKeepRatio).
@@ -61,6 +66,23 @@ def transformers_processors():
         "BiT rescale 1/127.5, no normalisation": hf.BitImageProcessor(
             size={"shortest_edge": 70}, crop_size={"height": 64, "width": 64},
             rescale_factor=1 / 127.5, do_normalize=False,
+        ),
+        # Processor classes with steps of their own, accepted by measurement.
+        "MobileNetV2 shortest edge 75, crop 64": hf.MobileNetV2ImageProcessor(
+            size={"shortest_edge": 75}, crop_size={"height": 64, "width": 64}
+        ),
+        "BEiT 72x72 bicubic, crop 64": hf.BeitImageProcessor(
+            size={"height": 72, "width": 72}, do_center_crop=True,
+            crop_size={"height": 64, "width": 64},
+        ),
+        "PoolFormer shortest edge 64, crop_pct 0.9": hf.PoolFormerImageProcessor(
+            size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}
+        ),
+        "EfficientNet 64x64, include_top": hf.EfficientNetImageProcessor(
+            size={"height": 64, "width": 64}
+        ),
+        "MobileViT shortest edge 73, crop 64, BGR": hf.MobileViTImageProcessor(
+            size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64}
         ),
     }  # fmt: skip
 
@@ -133,6 +155,14 @@ def test_transformers_translation_reads_the_processor(cases):
     assert warped.resize == (384, 384) and warped.center_crop is None
     bit = cases["transformers BiT rescale 1/127.5, no normalisation"][0]
     assert bit.rescale_factor == 1 / 127.5 and bit.mean == (0.0,) * 3 and bit.std == (1.0,) * 3
+    poolformer = cases["transformers PoolFormer shortest edge 64, crop_pct 0.9"][0]
+    assert poolformer.resize == 71 and poolformer.center_crop == (64, 64)  # int(64 / 0.9)
+    efficientnet = cases["transformers EfficientNet 64x64, include_top"][0]
+    assert efficientnet.std == (0.25,) * 3  # divided by std 0.5 twice
+    mobilevit = cases["transformers MobileViT shortest edge 73, crop 64, BGR"][0]
+    assert mobilevit.channel_order == "bgr" and mobilevit.std == (1.0,) * 3
+    beit = cases["transformers BEiT 72x72 bicubic, crop 64"][0]
+    assert (beit.resize, beit.center_crop, beit.interpolation) == ((72, 72), (64, 64), "bicubic")
 
 
 def _other_interpolation(p):
@@ -167,6 +197,9 @@ MUTATIONS = {
     ),
     "rescale_factor": lambda p: replace(p, rescale_factor=p.rescale_factor * 1.01),
     "backend": lambda p: replace(p, backend="tensor" if p.backend == "pil" else "pil"),
+    "channel_order": lambda p: replace(
+        p, channel_order="bgr" if p.channel_order == "rgb" else "rgb"
+    ),
 }
 
 
@@ -214,20 +247,103 @@ def test_pil_backend_equals_transformers_pil_image_processors(images):
         assert float((ours(image) - theirs).abs().max()) <= TOLERANCE
 
 
-@pytest.mark.parametrize(
-    ("processor", "message"),
-    [
-        ("BeitImageProcessor", "steps of its own"),
-        ("CLIPImageProcessor", "without a fixed output size"),
-    ],
-)
-def test_processors_camserve_cannot_reproduce_are_refused(tmp_path, processor, message):
+def test_processors_camserve_cannot_reproduce_are_refused(tmp_path):
     import transformers as hf
 
-    options = {"do_center_crop": False} if processor == "CLIPImageProcessor" else {}
-    getattr(hf, processor)(**options).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=message):
+    hf.CLIPImageProcessor(do_center_crop=False).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="without a fixed output size"):
         processor_preprocessing(tmp_path)
+
+
+# Settings where camserve's reading differs from the class's own steps: one it does not read,
+# one the class ignores (MobileViT never normalises). Only the measurement against the
+# processor's own output can refuse them (camserve.sources.verify).
+UNREAD_SETTINGS = {
+    "EfficientNet rescale_offset": ("EfficientNetImageProcessor", {"rescale_offset": True}),
+    "MobileViT do_normalize": ("MobileViTImageProcessor", {"do_normalize": True}),
+}
+
+
+@pytest.mark.parametrize("setting", list(UNREAD_SETTINGS))
+def test_a_setting_camserve_does_not_read_is_refused_with_the_measured_difference(
+    tmp_path, setting
+):
+    import transformers as hf
+
+    kind, options = UNREAD_SETTINGS[setting]
+    size = {"size": {"height": 64, "width": 64}, "do_center_crop": False}
+    getattr(hf, kind)(**size, **options).save_pretrained(tmp_path / "on")
+    getattr(hf, kind)(**size, **{k: not v for k, v in options.items()}).save_pretrained(
+        tmp_path / "off"
+    )
+    notes: list[str] = []
+    processor_preprocessing(tmp_path / "off", notes)  # the same class without the setting
+    assert "probe images (tolerance 1e-06)" in notes[0]
+    with pytest.raises(ValueError) as refused:
+        processor_preprocessing(tmp_path / "on")
+    message = str(refused.value)
+    match = re.fullmatch(
+        rf"{kind}: camserve's reading of its settings differs from the library's own output by "
+        r"up to ([0-9.e+-]+) \(on a ([0-9]+)x([0-9]+) probe image\), above the tolerance 1e-06 "
+        r"on the normalised input: .*",
+        message,
+    )
+    assert match and "\n" not in message, message
+    assert float(match.group(1)) > 100 * TOLERANCE
+    assert (int(match.group(2)), int(match.group(3))) in PROBE_SIZES
+
+
+def test_the_timm_source_measures_its_reading_of_the_data_config(monkeypatch):
+    """A translation that ignored crop_pct would be refused at archive time."""
+    import camserve.sources.timm as timm_source
+    from tests.library_models import timm_model
+
+    model = timm_model("resnet18")  # resnet18.a1_in1k: crop_pct 0.95, bicubic
+    notes: list[str] = []
+    timm_source.TimmSource().preprocessing(model, notes)
+    assert "timm's create_transform for resnet18" in notes[0]
+    translate = timm_source.data_config_preprocessing
+    monkeypatch.setattr(
+        timm_source, "data_config_preprocessing",
+        lambda config: translate({**config, "crop_pct": 1.0}),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"create_transform for resnet18: .* above the tolerance"):
+        timm_source.TimmSource().preprocessing(model)
+
+
+def test_the_probe_images_show_each_step():
+    """Seeded, of several shapes (one smaller than any crop), and varied enough that a
+    one-pixel crop shift or another filter moves the output beyond the tolerance."""
+    images = probe_images()
+    assert [(i.width, i.height) for i in images] == list(PROBE_SIZES)
+    assert probe_images() is images and min(min(size) for size in PROBE_SIZES) < 64
+    base = Preprocessing(
+        input_size=(64, 64), resize=(75, 75), center_crop=(64, 64), interpolation="bicubic",
+        crop_offset="floor",
+    )  # fmt: skip
+    assert verify_preprocessing(base, base, "itself") == 0.0
+    for other in (
+        replace(base, crop_offset="round"),
+        replace(base, interpolation="bilinear"),
+        replace(base, backend="tensor"),
+    ):
+        with pytest.raises(ValueError, match="itself: .* above the tolerance"):
+            verify_preprocessing(other, base, "itself")
+
+
+def test_bgr_input_and_its_overlay_background(images):
+    """``channel_order: bgr`` reverses the channels of the network input, after normalising
+    in RGB order; the overlay's background turns them back."""
+    from camserve.encode_png import network_view
+
+    rgb = Preprocessing(input_size=(64, 64), resize=(64, 64), mean=(0.4, 0.5, 0.6))
+    bgr = replace(rgb, channel_order="bgr")
+    for image in list(images.values())[:2]:
+        assert torch.equal(bgr(image), rgb(image)[[2, 1, 0]])
+        assert (
+            network_view(bgr(image), bgr.mean, bgr.std, "bgr").tobytes()
+            == network_view(rgb(image), rgb.mean, rgb.std).tobytes()
+        )
 
 
 def test_configs_written_before_the_new_fields_read_as_before(images):

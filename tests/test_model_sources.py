@@ -2,7 +2,9 @@
 
 Each path: a timm model by name with weights (safetensors, a train.py checkpoint), a folder
 of timm's ``save_for_hf``, a folder of transformers' ``save_pretrained`` (ResNet, ConvNeXt,
-ViT, DeiT, Swin), and safetensors for torchvision. For every family, with seeded random
+ViT, DeiT, Swin, BEiT with and without mean pooling, Data2Vec-vision, DINOv2 with and without
+registers, MobileNetV2, MobileViT, EfficientNet, PoolFormer; each with its own image processor
+class), and safetensors for torchvision. For every family, with seeded random
 weights saved to folders: the layer and grid, the answer against the library's own pipeline
 (its preprocessing of the decoded photo, its model) and Captum, the map against Grad-CAM read
 by hand from the layer's raw output, the probe's answer, and the compensated-network oracle
@@ -174,6 +176,36 @@ def test_compensated_network_oracle(archived, case):
     assert reported.offset != 0.0
 
 
+def _patch_token_gradients(model, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """The top-1 logit's gradient at ``layer``'s patch tokens (the class token dropped)."""
+    seen = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, out: seen.append(out))
+    try:
+        with torch.enable_grad():
+            logits = model(x.clone().requires_grad_(True))
+    finally:
+        handle.remove()
+    (gradient,) = torch.autograd.grad(logits.max(dim=1).values.sum(), seen[-1])
+    return gradient[:, 1:]
+
+
+def test_why_dinov2_is_explained_at_the_last_blocks_norm1():
+    """DINOv2's head reads the class token next to the patch tokens' mean. At the final
+    layernorm every patch token gets the same gradient (the mean's share only: Grad-CAM there
+    would ignore what the class token gathers in the last block); at the last block's norm1
+    the class token's path reaches them too, and the gradient differs between positions."""
+    from camserve.sources.transformers import logits_only
+    from tests.library_models import transformers_model
+
+    model = logits_only(transformers_model("dinov2")[0])
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    final = _patch_token_gradients(model, "dinov2.layernorm", x)
+    torch.testing.assert_close(final, final[:, :1].expand_as(final), rtol=0, atol=1e-7)
+    block = _patch_token_gradients(model, "dinov2.encoder.layer.1.norm1", x)
+    spread = (block - block.mean(dim=1, keepdim=True)).abs().max()
+    assert spread > 100 * (final - final.mean(dim=1, keepdim=True)).abs().max() + 1e-5
+
+
 # --- timm by name ----------------------------------------------------------------------------
 
 
@@ -341,6 +373,16 @@ def _neither_layout(tmp_path: Path) -> list[str]:
     return ["--pretrained", str(tmp_path / "odd")]
 
 
+def _processor_setting_camserve_does_not_read(tmp_path: Path) -> list[str]:
+    """EfficientNet's rescale_offset (x / 255 - 1 before normalising): only the measurement
+    against the processor's own output can catch it."""
+    folder = save_transformers_folder("resnet", tmp_path / "r")
+    transformers.EfficientNetImageProcessor(
+        size={"height": 64, "width": 64}, rescale_offset=True
+    ).save_pretrained(folder)
+    return ["--pretrained", str(folder)]
+
+
 def _preprocessing_options_with_a_folder(tmp_path: Path) -> list[str]:
     return ["--pretrained", str(tmp_path), "--resize", "80"]
 
@@ -357,6 +399,10 @@ BAD_INPUTS = {
     "a checkpoint without a state_dict": (
         _checkpoint_without_state_dict, "checkpoint without a state_dict"),
     "a config.json in neither layout": (_neither_layout, "neither Hub layout"),
+    "a processor setting camserve does not read": (
+        _processor_setting_camserve_does_not_read,
+        r"EfficientNetImageProcessor: camserve's reading .* by up to [0-9.]+ \(on a [0-9]+x[0-9]+ "
+        r"probe image\), above the tolerance 1e-06"),
     "preprocessing options with a folder": (
         _preprocessing_options_with_a_folder, "folder's own config decides that: drop --resize"),
 }  # fmt: skip
@@ -391,7 +437,9 @@ ARCHIVE_AND_LOAD = """
 from camserve.explainer import Explainer
 from camserve.tools.archive import make_preprocessing, write_model_dir
 for name, folder in json.loads(sys.argv[1]).items():
-    write_model_dir(f"{sys.argv[2]}/{name}", pretrained=folder)
+    summary = write_model_dir(f"{sys.argv[2]}/{name}", pretrained=folder)
+    # the preprocessing was measured against the library's own, offline too
+    assert any("probe images" in note for note in summary.notes), summary.notes
     explainer = Explainer.from_directory(f"{sys.argv[2]}/{name}")
     assert explainer.labels == ["cat", "dog", "bird"]
 print("ATTEMPTS", json.dumps(attempts))
@@ -407,8 +455,9 @@ def run_python(code: str, *args: str, env: dict | None = None) -> subprocess.Com
 
 
 def test_offline_with_the_network_unreachable(tmp_path):
-    """Read both layouts and load what camserve wrote, with the Hub's offline switches set,
-    proxies pointing at a closed port and every socket connection refused (and recorded)."""
+    """Read both layouts (measuring their preprocessing against the library's) and load what
+    camserve wrote, with the Hub's offline switches set, proxies pointing at a closed port and
+    every socket connection refused (and recorded)."""
     folders = {
         "hf_vit": str(save_transformers_folder("vit", tmp_path / "hf_vit")),
         "timm_r18": str(save_timm_folder("resnet18", tmp_path / "timm_r18")),

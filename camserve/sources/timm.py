@@ -9,7 +9,8 @@ worker rebuilds it with ``timm.create_model("local-dir:...")``: nothing is downl
   layer is the last block's ``norm1`` (tokens after ``num_prefix_tokens`` prefix tokens).
 - The preprocessing is timm's data config (``resolve_data_config``: input size,
   interpolation, ``crop_pct``, ``crop_mode``, mean, std), which ``create_transform`` turns
-  into a resize of the PIL image, a centre crop (offsets rounded) and a normalisation.
+  into a resize of the PIL image, a centre crop (offsets rounded) and a normalisation; the
+  archive measures camserve's reading of it against ``create_transform`` (verify.py).
 """
 
 from __future__ import annotations
@@ -151,21 +152,33 @@ class TimmSource(Source):
         return self._built(name, model, *labels)
 
     def _built(self, name: str, model: nn.Module, labels, labels_from: str, notes=()) -> BuiltModel:
+        notes = list(notes)
         return BuiltModel(
             source=self,
             architecture=f"{self.prefix}{name}",
             model=model.eval(),
             labels=labels,
             labels_from=labels_from,
-            preprocessing=self.preprocessing(model),
-            notes=list(notes),
+            preprocessing=self.preprocessing(model, notes),
+            notes=notes,
         )
 
-    def preprocessing(self, model: nn.Module):
-        """The model's data config (timm.data.resolve_data_config) as a ``Preprocessing``."""
-        from timm.data import resolve_data_config
+    def preprocessing(self, model: nn.Module, notes: list[str] | None = None):
+        """The model's data config (timm.data.resolve_data_config) as a ``Preprocessing``,
+        measured against ``timm.data.create_transform`` of that config and refused when they
+        differ (camserve.sources.verify); ``notes`` gets the measured difference."""
+        from timm.data import create_transform, resolve_data_config
 
-        return data_config_preprocessing(resolve_data_config({}, model=model))
+        from camserve.sources.verify import verified_note, verify_preprocessing
+
+        config = resolve_data_config({}, model=model)
+        ours = data_config_preprocessing(config)
+        architecture = model.pretrained_cfg.get("architecture", type(model).__name__)
+        name = f"timm's create_transform for {architecture}"
+        worst = verify_preprocessing(ours, create_transform(**config), name)
+        if notes is not None:
+            notes.append(verified_note(name, worst))
+        return ours
 
     def save(self, model: nn.Module, out_dir: Path, labels: list[str]) -> tuple[str, str]:
         """timm's own folder layout: (weights file, config file) in ``out_dir``."""

@@ -7,10 +7,16 @@ code from the folder (``trust_remote_code`` stays off). The model returns an
 ``ImageClassifierOutput``; a forward hook on the model hands its ``.logits`` to every caller
 (Grad-CAM, Captum, the probe, calibration), and module names stay the library's own.
 
-Layers by family: ViT and DeiT at the last block's ``layernorm_before`` (after the last block
-only the class token reaches the head; DeiT puts a distillation token after it), Swin at its
-final ``layernorm`` (patch tokens, averaged into the head), convolutional families (ResNet,
-ConvNeXt, RegNet...) at their last convolutional feature map. Anything else is refused.
+Layers by family (docs/bring-your-own-model.md#timm-and-transformers-the-layer-per-family):
+the token families at the last block's first norm when the head reads the class token (ViT,
+DeiT, BEiT without mean pooling; DINOv2, whose head also reads the patch tokens' mean), or at
+the final ``layernorm`` when it averages the final patch tokens (Swin, BEiT and Data2Vec-vision
+with mean pooling); EfficientNet after its last convolution's normalisation and activation,
+PoolFormer at the head's GroupNorm; the other convolutional families (ResNet, ConvNeXt,
+MobileNetV2, MobileViT...) at their last convolutional feature map. Anything else is refused.
+
+The preprocessing is read from the folder's image processor and measured against it
+(camserve.sources.verify): a setting camserve does not read is refused with numbers.
 """
 
 from __future__ import annotations
@@ -23,23 +29,31 @@ import torch
 from torch import nn
 
 from camserve.architectures import first_line
-from camserve.grid import NCHW, TOKENS, token_layout
+from camserve.grid import NCHW, token_layout
 from camserve.sources import BuiltModel, FixedInput, Source
 
-# model_type -> tokens before the patch tokens, for families whose head reads the class token
-CLASS_TOKEN_FAMILIES = {"vit": 1, "vit_msn": 1, "deit": 2}
-# model_type of families whose final layernorm outputs (N, h*w, C) patch tokens
-PATCH_TOKEN_FAMILIES = ("swin", "swinv2")
+# model_type -> tokens before the patch tokens (class, distillation), for the token families;
+# DINOv2 with registers has config.num_register_tokens more.
+TOKEN_FAMILIES = {
+    "vit": 1, "vit_msn": 1, "deit": 2, "beit": 1, "data2vec-vision": 1, "dinov2": 1,
+    "dinov2_with_registers": 1, "swin": 0, "swinv2": 0,
+}  # fmt: skip
+# Token families whose position embeddings fix the input size.
+FIXED_GRID_FAMILIES = ("vit", "vit_msn", "deit")
+# A block's first norm, in the token families that name it so.
+BLOCK_NORMS = ("layernorm_before", "norm1")
+# Convolutional families whose last feature map the CNN rule would not take as the head sees
+# it: EfficientNet's before its normalisation and activation, PoolFormer's inside the last
+# block's MLP branch (its blocks return tuples, which the rule passes over). The layer whose
+# output the head averages instead.
+CONV_FAMILY_LAYERS = {"efficientnet": "efficientnet.encoder.top_activation", "poolformer": "norm"}
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
-# Image processor classes whose own resize rule camserve reproduces (crop_pct below 384 px).
-CROP_PCT_PROCESSORS = ("ConvNextImageProcessor", "ConvNextImageProcessorPil")
-# Methods an image processor may not override for camserve to reproduce it from its settings.
+# Image processor classes with a resize rule of their own that camserve reproduces
+# (crop_pct); any other setting a class reads is caught by the measurement (verify.py).
+CONVNEXT_PROCESSORS = ("ConvNextImageProcessor", "ConvNextImageProcessorPil")
+POOLFORMER_PROCESSORS = ("PoolFormerImageProcessor", "PoolFormerImageProcessorPil")
 # PIL's filter numbers -> the names camserve.preprocess (torchvision) gives them.
 PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-PIPELINE_METHODS = (
-    "preprocess", "_preprocess", "resize", "center_crop", "rescale", "normalize",
-    "rescale_and_normalize", "process_image", "pad",
-)  # fmt: skip
 
 
 class TransformersSource(Source):
@@ -56,25 +70,27 @@ class TransformersSource(Source):
         return logits_only(self._from_pretrained(class_name, directory))
 
     def target_layer(self, model: nn.Module) -> str | None:
-        family = model.config.model_type
-        if family in CLASS_TOKEN_FAMILIES:
-            norms = [n for n, _ in model.named_modules() if n.endswith(".layernorm_before")]
-            return norms[-1] if norms else None
-        if family in PATCH_TOKEN_FAMILIES:
+        config = model.config
+        family = config.model_type
+        if family in CONV_FAMILY_LAYERS:
+            return CONV_FAMILY_LAYERS[family]
+        if family not in TOKEN_FAMILIES:
+            return None
+        if _head_averages_final_patch_tokens(config):
             return f"{model.base_model_prefix}.layernorm"
-        return None
+        norms = [n for n, _ in model.named_modules() if n.rpartition(".")[2] in BLOCK_NORMS]
+        return norms[-1] if norms else None
 
     def layout(self, model: nn.Module, layer_name: str, shape: tuple[int, ...]) -> str | None:
-        family = model.config.model_type
-        if len(shape) == 3 and family in CLASS_TOKEN_FAMILIES:
-            return token_layout(CLASS_TOKEN_FAMILIES[family])
-        if len(shape) == 3 and family in PATCH_TOKEN_FAMILIES:
-            return TOKENS
+        config = model.config
+        if len(shape) == 3 and config.model_type in TOKEN_FAMILIES:
+            registers = config.num_register_tokens if "registers" in config.model_type else 0
+            return token_layout(TOKEN_FAMILIES[config.model_type] + int(registers))
         return NCHW if len(shape) == 4 else None
 
     def fixed_input(self, model: nn.Module) -> FixedInput | None:
         config = model.config
-        if config.model_type not in CLASS_TOKEN_FAMILIES:
+        if config.model_type not in FIXED_GRID_FAMILIES:
             return None
         size, patch = config.image_size, config.patch_size
         size = (size, size) if isinstance(size, int) else tuple(size)
@@ -89,14 +105,17 @@ class TransformersSource(Source):
         model = logits_only(self._from_pretrained(class_name, directory))
         id2label = model.config.id2label or {}
         labels = [str(id2label[i]) for i in sorted(id2label)] if id2label else None
+        notes: list[str] = []
+        preprocessing = processor_preprocessing(directory, notes)
         return BuiltModel(
             source=self,
             architecture=f"{self.prefix}{class_name}",
             model=model,
             labels=labels,
             labels_from="config.json id2label",
-            preprocessing=processor_preprocessing(directory),
+            preprocessing=preprocessing,
             problem_type=model.config.problem_type,
+            notes=notes,
         )
 
     def save(self, model: nn.Module, out_dir: Path, labels: list[str]) -> tuple[str, str]:
@@ -170,6 +189,17 @@ class TransformersSource(Source):
         return model.eval()
 
 
+def _head_averages_final_patch_tokens(config) -> bool:
+    """Whether the head reads the final layer's patch tokens only through their mean: then
+    the final ``layernorm`` (an ``Identity`` in BEiT with mean pooling) is the layer. The other
+    token families read the class token (ViT, DeiT, BEiT without mean pooling), or the class
+    token next to the patch tokens' mean (DINOv2): their layer is the last block's first norm,
+    where the patch tokens also carry what the class token gathers in the last block."""
+    if config.model_type in ("swin", "swinv2"):
+        return True
+    return config.model_type in ("beit", "data2vec-vision") and bool(config.use_mean_pooling)
+
+
 def logits_only(model: nn.Module) -> nn.Module:
     """Make ``model(x)`` return the logits tensor instead of an ``ImageClassifierOutput``."""
     if not getattr(model, "_camserve_logits_only", False):
@@ -182,14 +212,15 @@ def _logits(module: nn.Module, inputs: tuple, output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
 
 
-def processor_preprocessing(directory: Path):
+def processor_preprocessing(directory: Path, notes: list[str] | None = None):
     """The folder's image processor, as ``AutoImageProcessor`` loads it, as a
-    ``Preprocessing``; refused when the processor has steps of its own."""
+    ``Preprocessing``: read from its settings, then measured against the processor's own
+    output (camserve.sources.verify) and refused when they differ. ``notes`` gets the
+    measured difference."""
     from transformers import AutoImageProcessor
     from transformers.image_processing_backends import PilBackend, TorchvisionBackend
-    from transformers.image_utils import pil_torch_interpolation_mapping
 
-    from camserve.preprocess import Preprocessing
+    from camserve.sources.verify import verified_note, verify_preprocessing
 
     if not (directory / "preprocessor_config.json").is_file():
         raise FileNotFoundError(
@@ -204,19 +235,29 @@ def processor_preprocessing(directory: Path):
             f"transformers cannot read {directory}/preprocessor_config.json: {first_line(err)}"
         ) from None
     kind = type(processor).__name__
-    backend = TorchvisionBackend if isinstance(processor, TorchvisionBackend) else PilBackend
-    own = [
-        m
-        for m in PIPELINE_METHODS
-        if getattr(type(processor), m, None) is not getattr(backend, m, None)
-        and not (kind in CROP_PCT_PROCESSORS and m in ("resize", "_preprocess"))
-    ]
-    if own or not isinstance(processor, TorchvisionBackend | PilBackend):
+    if not isinstance(processor, TorchvisionBackend | PilBackend):
         raise ValueError(
-            f"{kind} has preprocessing steps of its own ({', '.join(own) or 'another backend'}) "
-            "that camserve does not reproduce; it reproduces the processors that resize, "
-            "centre-crop, rescale and normalise (ViT, DeiT, BiT, CLIP, ConvNeXt...)"
+            f"{kind} is neither of transformers' torchvision and PIL image processors: camserve "
+            "reproduces the processors that resize, centre-crop, rescale and normalise"
         )
+    ours = _read_processor(processor, kind, isinstance(processor, TorchvisionBackend))
+
+    def theirs(image):
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    worst = verify_preprocessing(ours, theirs, kind)
+    if notes is not None:
+        notes.append(verified_note(kind, worst))
+    return ours
+
+
+def _read_processor(processor, kind: str, tensor_backend: bool):
+    """A ``Preprocessing`` from the processor's settings; refused when they have no fixed
+    output size (camserve batches one input size)."""
+    from transformers.image_utils import pil_torch_interpolation_mapping
+
+    from camserve.preprocess import Preprocessing
+
     if not processor.do_resize or getattr(processor, "do_pad", False):
         raise ValueError(f"{kind}: camserve needs do_resize true and do_pad false")
     size = processor.size
@@ -225,12 +266,19 @@ def processor_preprocessing(directory: Path):
         if getattr(processor, "do_center_crop", False)
         else None
     )
-    if kind in CROP_PCT_PROCESSORS:
-        edge, crop_pct = size.shortest_edge, processor.crop_pct or 224 / 256
+    crop_pct = getattr(processor, "crop_pct", None)
+    if kind in CONVNEXT_PROCESSORS:
+        edge, crop_pct = size.shortest_edge, crop_pct or 224 / 256
         if edge < 384:  # ConvNeXt's rule: shorter side to edge / crop_pct, crop edge x edge
             resize, crop = int(edge / crop_pct), (edge, edge)
         else:  # at 384 and above it warps to edge x edge
             resize = (edge, edge)
+    elif kind in POOLFORMER_PROCESSORS and crop_pct is not None:
+        # PoolFormer's rule: the size divided by crop_pct, a square one as the shorter side
+        if size.shortest_edge or size.height == size.width:
+            resize = int((size.shortest_edge or size.height) / crop_pct)
+        else:
+            resize = (int(size.height / crop_pct), int(size.width / crop_pct))
     elif size.height and size.width:
         resize = (size.height, size.width)
     elif size.shortest_edge and not size.longest_edge and crop:
@@ -244,21 +292,25 @@ def processor_preprocessing(directory: Path):
     # Each backend's own reading of the PIL filter number (torchvision's: NEAREST_EXACT...).
     mode = (
         pil_torch_interpolation_mapping[resample].value
-        if backend is TorchvisionBackend
-        else (PIL_FILTERS[int(resample)])
+        if tensor_backend
+        else PIL_FILTERS[int(resample)]
     )
     mean = processor.image_mean if processor.do_normalize else 0.0
-    std = processor.image_std if processor.do_normalize else 1.0
+    std = _three(processor.image_std if processor.do_normalize else 1.0)
+    if getattr(processor, "include_top", False):  # EfficientNet divides by std once more
+        std = tuple(s * t for s, t in zip(std, _three(processor.image_std), strict=True))
     return Preprocessing(
         input_size=crop or resize,
         resize=resize,
         center_crop=crop,
         mean=_three(mean),
-        std=_three(std),
+        std=std,
         interpolation=mode,
         crop_offset="floor",
         rescale_factor=float(processor.rescale_factor) if processor.do_rescale else 1.0,
-        backend="tensor" if backend is TorchvisionBackend else "pil",
+        backend="tensor" if tensor_backend else "pil",
+        # MobileViT's checkpoints take BGR: its processors flip the channels last
+        channel_order="bgr" if getattr(processor, "do_flip_channel_order", False) else "rgb",
     )
 
 
