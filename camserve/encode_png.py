@@ -21,6 +21,7 @@ from torch import Tensor
 
 from camserve.explainer import ClassExplanation, Explanation
 from camserve.maps import peak_normalised
+from camserve.preprocess import Preprocessing
 
 DEFAULT_COLORMAP = "inferno"
 OVERLAY_OPACITY = 0.55  # of the colour map over the image
@@ -74,24 +75,22 @@ def overlay_image(
     return Image.blend(background.convert("RGB"), colours, opacity)
 
 
-def network_view(tensor: Tensor, mean, std, channel_order: str = "rgb") -> Image.Image:
-    """The normalised input tensor (3, H, W) back to RGB: exactly the pixels the map refers to
-    (after resize and crop), so the overlay lines up with the map."""
-    if channel_order == "bgr":  # the network took B, G, R (camserve.preprocess)
+def network_view(tensor: Tensor, preprocessing: Preprocessing) -> Image.Image:
+    """The network input (3, H, W) back to RGB: exactly the pixels the map refers to (after
+    resize and crop), so the overlay lines up with the map. Undoes the normalisation, the
+    rescale factor (BiT's 1/127.5 as well as 1/255) and a BGR channel order."""
+    if preprocessing.channel_order == "bgr":  # the network took B, G, R (camserve.preprocess)
         tensor = tensor.flip(0)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32)[:, None, None]
-    std_t = torch.as_tensor(std, dtype=torch.float32)[:, None, None]
-    pixels = tensor.detach().to(torch.float32) * std_t + mean_t
-    return Image.fromarray(_to_uint8(pixels).transpose(1, 2, 0), "RGB")
+    mean_t = torch.as_tensor(preprocessing.mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.as_tensor(preprocessing.std, dtype=torch.float32)[:, None, None]
+    rescaled = tensor.detach().to(device="cpu", dtype=torch.float32) * std_t + mean_t
+    unit = rescaled / (preprocessing.rescale_factor * 255.0)  # pixel / 255
+    return Image.fromarray(_to_uint8(unit).transpose(1, 2, 0), "RGB")
 
 
 def background_of(explanation: Explanation) -> Image.Image:
     """What the overlay is drawn on: the network's view of the image (after resize and crop)."""
-    preprocessing = explanation.model.preprocessing
-    return network_view(
-        explanation.image.tensor, preprocessing.mean, preprocessing.std,
-        preprocessing.channel_order,
-    )  # fmt: skip
+    return network_view(explanation.image.tensor, explanation.model.preprocessing)
 
 
 def render_images(

@@ -100,8 +100,7 @@ def explain_samples(explainer: Explainer, count: int, seed: int = HELD_OUT_SEED)
 
 
 def _panels(result: Explanation) -> tuple[Image.Image, Image.Image, Image.Image]:
-    pre = result.model.preprocessing
-    view = network_view(result.image.tensor, pre.mean, pre.std, pre.channel_order).resize(
+    view = network_view(result.image.tensor, result.model.preprocessing).resize(
         (PANEL, PANEL), Image.NEAREST
     )
     return (

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import fields, replace
 
+import numpy as np
 import pytest
 import torch
 from timm.data import create_transform, resolve_data_config
@@ -340,10 +341,21 @@ def test_bgr_input_and_its_overlay_background(images):
     bgr = replace(rgb, channel_order="bgr")
     for image in list(images.values())[:2]:
         assert torch.equal(bgr(image), rgb(image)[[2, 1, 0]])
-        assert (
-            network_view(bgr(image), bgr.mean, bgr.std, "bgr").tobytes()
-            == network_view(rgb(image), rgb.mean, rgb.std).tobytes()
-        )
+        assert network_view(bgr(image), bgr).tobytes() == network_view(rgb(image), rgb).tobytes()
+
+
+def test_the_overlay_background_undoes_the_rescale_factor(images):
+    """The network's view of an image is the resized image itself, whatever the rescale
+    factor and normalisation the processor used (BiT: 1/127.5, mean and std 0.5)."""
+    from camserve.encode_png import network_view
+
+    plain = Preprocessing(input_size=(64, 64), resize=(64, 64), mean=(0, 0, 0), std=(1, 1, 1))
+    bit = replace(plain, rescale_factor=1 / 127.5, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    for image in list(images.values())[:2]:
+        expected = np.asarray(network_view(plain(image), plain), dtype=np.int16)
+        shown = np.asarray(network_view(bit(image), bit), dtype=np.int16)
+        # At most float rounding at a .5 level; read as 1/255 it would be doubled and clipped.
+        assert np.abs(shown - expected).max() <= 1
 
 
 def test_configs_written_before_the_new_fields_read_as_before(images):
