@@ -5,7 +5,8 @@
 
 For each network, the two TorchServe servers of ``bench.e2e`` (camserve's handler and the
 independent plain handler) take the same closed-loop load at concurrency 8, in blocks that
-alternate between them (ABBA). Over each block it reads:
+alternate between them (ABBA; with three servers each block starts one further on). Over
+each block it reads:
 
 - the CPU time (user + system, all threads, from /proc/<pid>/stat through psutil) of the
   TorchServe frontend (Java) and of the worker (Python), and the load generator's own;
@@ -125,7 +126,14 @@ def profile_servers(
         e2e.loadgen(list(targets.values()), images, e2e.Load("warm", 2, 5, 20))
         load = e2e.Load("c8", 8, seconds, 100_000)
         variants = list(servers)
-        order = [v for block in range(blocks) for v in variants[:: 1 - 2 * (block % 2)]]
+        # Each block starts one server further on (A B C, B C A, C A B...): with three servers,
+        # ABBA would leave the middle one the only server never run twice in a row, a place
+        # an A/A run measured lower (bench/e2e.py, measure_run).
+        order = [
+            variants[(block + i) % len(variants)]
+            for block in range(blocks)
+            for i in range(len(variants))
+        ]
         for variant in order:
             server = servers[variant]
             before = snapshot(server, pids[variant])
