@@ -137,7 +137,7 @@ kserve-bundle: $(INSTALLED)
 	rm -rf .run/kserve-bundle
 	$(CAMSERVE) kserve-bundle --model-dir models/shapes --name shapes --out .run/kserve-bundle
 
-# Performance against a plain prediction and the alternatives (about 10-15 minutes):
+# Performance against a plain prediction and the alternatives (about 30 minutes on 2 cores):
 # writes bench/results/<date>-bench.json and .png. Not part of `make test`.
 BENCH_INSTALLED := $(VENV)/.bench-installed
 $(BENCH_INSTALLED): $(INSTALLED) requirements-bench.lock

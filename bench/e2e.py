@@ -272,6 +272,12 @@ def target(server: LocalTorchServe, model: str) -> tuple[str, str]:
     return f"{server.inference_url}/predictions/{model}", server.keys()["inference"]
 
 
+def rotated(names: list[str], by: int) -> list[str]:
+    """``names`` starting ``by`` places on (A B C by 1: B C A)."""
+    shift = by % len(names)
+    return names[shift:] + names[:shift]
+
+
 def measure_run(
     servers: dict[str, LocalTorchServe],
     model: str,
@@ -286,9 +292,7 @@ def measure_run(
     same tree as camserve and as before, on a busy machine) the middle server's median
     throughput came out 25% lower. So over as many runs as servers each takes each place
     once (two servers: they alternate, as before)."""
-    names = list(servers)
-    shift = run_index % len(names)
-    order = names[shift:] + names[:shift]
+    order = rotated(list(servers), run_index)
     measured: dict[str, dict[str, dict]] = {v: {} for v in servers}
     for load in loads:
         blocks = loadgen([target(servers[v], model) for v in order], images, load)

@@ -129,11 +129,7 @@ def profile_servers(
         # Each block starts one server further on (A B C, B C A, C A B...): with three servers,
         # ABBA would leave the middle one the only server never run twice in a row, a place
         # an A/A run measured lower (bench/e2e.py, measure_run).
-        order = [
-            variants[(block + i) % len(variants)]
-            for block in range(blocks)
-            for i in range(len(variants))
-        ]
+        order = [v for block in range(blocks) for v in e2e.rotated(variants, block)]
         for variant in order:
             server = servers[variant]
             before = snapshot(server, pids[variant])

@@ -1,6 +1,6 @@
 """``make bench``: in-process and end-to-end comparisons, written to bench/results/.
 
-python -m bench.run              # the full run (about 25 minutes on 2 cores)
+python -m bench.run              # the full run (about 30 minutes on 2 cores)
 python -m bench.run --e2e-models mobilenet_v3_small --runs 5 --models shapes
 python -m bench.run --smoke      # seconds; keeps the harness from rotting
 """

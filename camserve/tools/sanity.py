@@ -383,7 +383,7 @@ def run_check(
         maps, _ = signed_maps(randomised, tensors, classes, batch_size)
         steps.append(compare(trained, maps, size, stage.name))
     result = SanityResult(
-        verdict=verdict(steps, threshold, HEAD_THRESHOLD),
+        verdict=verdict(steps, threshold),
         threshold=threshold,
         head_threshold=HEAD_THRESHOLD,
         verdict_step=verdict_step(steps),
