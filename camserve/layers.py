@@ -3,7 +3,10 @@
 The Grad-CAM paper explains the last convolutional feature map: it keeps the spatial
 layout while carrying the most class-specific features. We find it by running the model
 once and watching which modules finish, in order: the answer is the last module to finish
-whose output is an (N, K, h, w) tensor and which is, or contains, a convolution. Requiring a
+whose output is an (N, K, h, w) tensor, which is, or contains, a convolution, and after which a
+layer with a weight matrix still runs. Without that last layer the map is the class scores
+themselves (SqueezeNet's 1x1 classifier convolution, then only pooling): each logit's gradient
+picks one channel, so the Grad-CAM weights say nothing. Requiring a
 convolution skips pooling layers of the head (VGG's ``AdaptiveAvgPool2d((7, 7))`` still
 outputs a 4-D map) and normalisation layers (ConvNeXt's head ``LayerNorm2d``). Taking the last
 module to finish prefers the outermost container (``layer4`` over ``layer4.1``), whose name
@@ -35,10 +38,17 @@ class LayerOutput:
     shape: tuple[int, ...]
     has_conv: bool
     finished: int  # position in the order modules finished
+    mixes_channels: bool = False  # holds a weight matrix or kernel of its own
 
 
 def _has_conv(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def _mixes_channels(module: nn.Module) -> bool:
+    """A learned layer that weighs channels against each other (a Linear, a convolution,
+    an attention projection), unlike a normalisation's per-channel scale."""
+    return any(parameter.dim() >= 2 for parameter in module.parameters(recurse=False))
 
 
 def trace_outputs(model: nn.Module, input_size: tuple[int, int]) -> list[LayerOutput]:
@@ -70,7 +80,13 @@ def trace_outputs(model: nn.Module, input_size: tuple[int, int]) -> list[LayerOu
         model.train(was_training)
     return sorted(
         (
-            LayerOutput(name, shape, _has_conv(model.get_submodule(name)), order)
+            LayerOutput(
+                name,
+                shape,
+                _has_conv(model.get_submodule(name)),
+                order,
+                _mixes_channels(model.get_submodule(name)),
+            )
             for name, (order, shape) in finished.items()
         ),
         key=lambda layer: layer.finished,
@@ -87,18 +103,25 @@ def family_target_layer(model: nn.Module) -> str | None:
 
 def auto_target_layer(model: nn.Module, input_size: tuple[int, int]) -> str:
     """The family's layer for a known family, else the last module finishing with a 4-D
-    output that is or contains a Conv2d."""
+    output that is or contains a Conv2d and is followed by a channel-mixing layer."""
     family = family_target_layer(model)
     if family is not None:
         return family
     outputs = trace_outputs(model, input_size)
-    candidates = [layer for layer in outputs if len(layer.shape) == 4 and layer.has_conv]
+    # The root's own weights (a functional head) run after every module.
+    root_head = _mixes_channels(model)
+    last_mixing = max((layer.finished for layer in outputs if layer.mixes_channels), default=-1)
+    candidates = [
+        layer
+        for layer in outputs
+        if len(layer.shape) == 4 and layer.has_conv and (root_head or last_mixing > layer.finished)
+    ]
     if not candidates:
         raise ValueError(
             f"cannot pick a target layer automatically: no convolutional module of "
-            f"{type(model).__name__} outputs an (N, K, h, w) feature map at input size "
-            f"{tuple(input_size)}; name one with --target-layer (and its layout with "
-            f"--target-layout: {', '.join(LAYOUTS)})"
+            f"{type(model).__name__} outputs an (N, K, h, w) feature map that a learned head "
+            f"reads at input size {tuple(input_size)}; name one with --target-layer (and its "
+            f"layout with --target-layout: {', '.join(LAYOUTS)})"
         )
     chosen = candidates[-1]
     tokens = [
