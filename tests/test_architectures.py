@@ -313,6 +313,40 @@ def test_archive_errors_are_clear(tmp_path, resnet18_weights, capsys, args, mess
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
 
 
+@pytest.mark.parametrize(
+    ("forward", "message"),
+    [
+        ("return self.head(self.body(x)), x", "forward returns a tuple, not a logits tensor"),
+        ("return {'logits': self.head(self.body(x))}", "forward returns a dict, not a logits"),
+        ("return self.head(self.body(x))", None),
+        ("return self.head(self.gray(x))", "a grayscale model needs a first convolution"),
+    ],
+)  # fmt: skip
+def test_a_custom_model_camserve_cannot_serve_is_refused_in_one_line(
+    tmp_path, capfd, forward, message
+):
+    """Forwards that return more than the logits, or that take other than 3 channels."""
+    source = TINY_MODEL_SOURCE.replace("return self.head(self.body(x))", forward).replace(
+        "        self.head =", "        self.gray = nn.Conv2d(1, 8, 3)\n        self.head ="
+    )
+    (tmp_path / "custom.py").write_text(source)
+    torch.manual_seed(0)
+    weights = tmp_path / "custom.pt"
+    torch.save(build_model("Tiny", 3, tmp_path / "custom.py", "Tiny").state_dict(), weights)
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    code = camserve([
+        "archive", "--model-file", str(tmp_path / "custom.py"), "--model-class", "Tiny",
+        "--weights", str(weights), "--labels", str(tmp_path / "labels.txt"),
+        "--input-size", "32", "--export-path", str(tmp_path / "store"),
+    ])  # fmt: skip
+    err = capfd.readouterr().err
+    if message is None:  # the control: a forward of the same parts that camserve serves
+        assert code == 0, err
+        return
+    assert code == 2 and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_labels_are_required_for_non_imagenet_heads(tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "r18c3.pt"

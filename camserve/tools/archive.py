@@ -380,15 +380,37 @@ def _labels_of(built: BuiltModel, labels) -> tuple[list[str], str]:
 
 
 def _output_count(built: BuiltModel) -> int:
-    size = built.preprocessing.input_size
-    with torch.no_grad():
-        outputs = built.model(torch.zeros(1, 3, *size))
+    outputs = blank_logits(built.model, built.preprocessing.input_size)
     if outputs.dim() != 2:
         raise ValueError(
             f"the model outputs shape {tuple(outputs.shape)}: a classifier must output "
             "(N, number of classes) logits"
         )
     return int(outputs.shape[1])
+
+
+def blank_logits(model: torch.nn.Module, size: tuple[int, int]) -> torch.Tensor:
+    """The model's output for one blank RGB image, or a ``ValueError`` that says why
+    camserve cannot serve it: it must take (N, 3, H, W) and return one logits tensor."""
+    shape = (1, 3, *size)
+    try:
+        with torch.no_grad():
+            outputs = model(torch.zeros(shape))
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"the model cannot run on an RGB image batch of shape {shape}: {first}. camserve "
+            "feeds 3-channel RGB images at the input size: check --input-size; a grayscale "
+            "model needs a first convolution with 3 input channels (its weight divided by 3 "
+            "on each computes the same on grey images)"
+        ) from None
+    if not isinstance(outputs, torch.Tensor):
+        raise ValueError(
+            f"the model's forward returns a {type(outputs).__name__}, not a logits tensor: "
+            "camserve explains a forward that returns (N, number of classes) logits; wrap the "
+            "model in a module whose forward returns only them"
+        )
+    return outputs
 
 
 def _write_built(
@@ -407,19 +429,18 @@ def _write_built(
     model, preprocessing, architecture = built.model, built.preprocessing, built.architecture
     size = preprocessing.input_size
     check_input_size(model, size)
+    outputs = blank_logits(model, size)
+    if outputs.dim() != 2 or outputs.shape[1] != len(label_list):
+        raise ValueError(
+            f"the model outputs shape {tuple(outputs.shape)}, but there are {len(label_list)} "
+            "labels: a classifier must output (N, number of labels) logits"
+        )
     auto = target_layer is None
     if auto:
         target_layer = auto_target_layer(model, size)
         log.info("target layer for %s: %r (picked automatically)", architecture, target_layer)
     # Refuses a layer whose output has no known channel axis (camserve.grid).
     layout = check_target_layer(model, target_layer, size, target_layout)
-    with torch.no_grad():
-        outputs = model(torch.zeros(1, 3, *size))
-    if outputs.dim() != 2 or outputs.shape[1] != len(label_list):
-        raise ValueError(
-            f"the model outputs shape {tuple(outputs.shape)}, but there are {len(label_list)} "
-            "labels: a classifier must output (N, number of labels) logits"
-        )
     if head.multi_label and len(label_list) < 2:
         raise ValueError(
             "--multi-label needs a model with at least two outputs (one logit per label); "
