@@ -8,6 +8,7 @@ import difflib
 import importlib.util
 import math
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -203,6 +204,12 @@ def load_weights(model: nn.Module, weights: str | Path | dict[str, torch.Tensor]
             f"{'the weights' if isinstance(weights, dict) else weights} do not match "
             f"{type(model).__name__}: {problems}"
         )
+    if getattr(state, "_metadata", None) is None:
+        # safetensors and plain dicts carry no per-module format versions, which some
+        # modules require (torchvision's MNASNet refuses a state_dict without one); the
+        # model's own are those of the layout the keys and shapes were just checked against.
+        state = OrderedDict(state)
+        state._metadata = model.state_dict()._metadata
     model.load_state_dict(state, strict=True)
     return model
 
