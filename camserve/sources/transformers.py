@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from camserve.architectures import first_line
-from camserve.grid import NCHW, token_layout
+from camserve.grid import NCHW, grid_size, token_layout
 from camserve.sources import BuiltModel, FixedInput, Source
 
 # model_type -> tokens before the patch tokens (class, distillation), for the token families;
@@ -38,8 +39,16 @@ TOKEN_FAMILIES = {
     "vit": 1, "vit_msn": 1, "deit": 2, "beit": 1, "data2vec-vision": 1, "dinov2": 1,
     "dinov2_with_registers": 1, "swin": 0, "swinv2": 0,
 }  # fmt: skip
-# Token families whose position embeddings fix the input size.
-FIXED_GRID_FAMILIES = ("vit", "vit_msn", "deit")
+# Token families whose position embeddings fix the input size (CLIP-like towers: their
+# vision_config's image_size and patch_size).
+FIXED_GRID_FAMILIES = ("vit", "vit_msn", "deit", "ijepa", "clip", "metaclip_2", "siglip")
+# Families whose tokens are in an order of their own (Hiera's unrolled mask units), which no
+# token layout reads as a row-major grid: never given a layer or a layout automatically.
+UNORDERED_TOKEN_FAMILIES = ("hiera",)
+# The parameters holding the tokens a model puts before its patch tokens (class,
+# distillation, register tokens; CLIP's class_embedding): outside the tables, their count is
+# the prefix of a token layout.
+LEARNED_TOKENS = re.compile(r"(cls|class|distillation|register)_(token|tokens|embedding)$")
 # A block's first norm, in the token families that name it so.
 BLOCK_NORMS = ("layernorm_before", "norm1")
 # Convolutional families whose last feature map the CNN rule would not take as the head sees
@@ -74,8 +83,10 @@ class TransformersSource(Source):
         family = config.model_type
         if family in CONV_FAMILY_LAYERS:
             return CONV_FAMILY_LAYERS[family]
-        if family not in TOKEN_FAMILIES:
+        if family in UNORDERED_TOKEN_FAMILIES:
             return None
+        if family not in TOKEN_FAMILIES:
+            return _token_layer(model)
         if _head_averages_final_patch_tokens(config):
             return f"{model.base_model_prefix}.layernorm"
         norms = [n for n, _ in model.named_modules() if n.rpartition(".")[2] in BLOCK_NORMS]
@@ -86,12 +97,14 @@ class TransformersSource(Source):
         if len(shape) == 3 and config.model_type in TOKEN_FAMILIES:
             registers = config.num_register_tokens if "registers" in config.model_type else 0
             return token_layout(TOKEN_FAMILIES[config.model_type] + int(registers))
+        if len(shape) == 3 and config.model_type not in UNORDERED_TOKEN_FAMILIES:
+            return token_layout(learned_tokens(model))
         return NCHW if len(shape) == 4 else None
 
     def fixed_input(self, model: nn.Module) -> FixedInput | None:
-        config = model.config
-        if config.model_type not in FIXED_GRID_FAMILIES:
+        if model.config.model_type not in FIXED_GRID_FAMILIES:
             return None
+        config = _vision_config(model.config)
         size, patch = config.image_size, config.patch_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         return FixedInput((int(size[0]), int(size[1])), int(patch))
@@ -103,6 +116,12 @@ class TransformersSource(Source):
         self.require()
         class_name = self._classifier_class(directory, config)
         model = logits_only(self._from_pretrained(class_name, directory))
+        takes = next(iter(inspect.signature(model.forward).parameters), None)
+        if takes == "input_ids":
+            raise ValueError(
+                f"{class_name} takes input_ids (text or colour tokens), not only an image: "
+                "camserve serves image classifiers whose forward takes pixel_values"
+            )
         id2label = model.config.id2label or {}
         labels = [str(id2label[i]) for i in sorted(id2label)] if id2label else None
         notes: list[str] = []
@@ -189,6 +208,93 @@ class TransformersSource(Source):
         return model.eval()
 
 
+def _vision_config(config):
+    """The config holding the image side: a CLIP-like model's vision_config, else its own."""
+    return getattr(config, "vision_config", None) or config
+
+
+def learned_tokens(model: nn.Module) -> int:
+    """How many tokens the model's learned class, distillation and register tokens add."""
+    return sum(
+        parameter.shape[:-1].numel() if parameter.dim() > 1 else 1
+        for name, parameter in model.named_parameters()
+        if LEARNED_TOKENS.search(name)
+    )
+
+
+def _token_layer(model: nn.Module) -> str | None:
+    """The layer of a family no table names, when its last modules work on token sequences
+    (None: it ends on a convolutional map, for the CNN rule, or no layer qualifies).
+
+    Read from one forward and backward pass at the config's image size. Among the modules
+    whose output is a token sequence that reads as a grid (the learned tokens first,
+    ``learned_tokens``) and that the explained logit depends on, those of the last one's
+    length: the last of them if the logit reaches its patch tokens (the head pools them, as
+    Swin's does: I-JEPA, SigLIP, CLIP, FocalNet, PVTv2); else the head reads the learned tokens
+    only, and the layer is the last LayerNorm whose patch tokens the logit reaches, the last
+    block's attention input, as for ViT (CvT and PVT, whose convolutions run inside the
+    attention, so that the CNN rule would take a key or value projection)."""
+    config = _vision_config(model.config)
+    side = getattr(config, "image_size", None) or 224
+    size = (side, side) if isinstance(side, int) else (int(side[0]), int(side[1]))
+    prefix = learned_tokens(model)
+    layout = token_layout(prefix)
+    outputs: dict[str, tuple[int, torch.Tensor]] = {}
+    last_map = -1
+    counter = iter(range(1 << 30))
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple, output) -> None:
+            nonlocal last_map
+            if not isinstance(output, torch.Tensor):
+                return
+            order = next(counter)
+            if output.dim() == 3:
+                outputs[name] = (order, output)
+            elif output.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in module.modules()):
+                last_map = order
+
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
+    # The input carries the gradient, so that frozen weights change nothing.
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    try:
+        with torch.enable_grad():
+            logits = model(x)  # the served model gives the logits; a fresh one its output
+            logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+            explained = logits.gather(1, logits.argmax(dim=1, keepdim=True)).sum()
+            grids = [
+                (order, name, output)
+                for name, (order, output) in outputs.items()
+                if output.requires_grad and grid_size(layout, tuple(output.shape), size) is not None
+            ]
+            if not grids:
+                return None
+            grids.sort(key=lambda item: item[0])
+            gradients = torch.autograd.grad(
+                explained, [item[2] for item in grids], allow_unused=True
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    # The sequences the logit depends on (not, e.g., SigLIP's attention-pooling head, which
+    # runs but feeds nothing the classifier reads); the last one's length is the final stage's.
+    used = [
+        (order, name, output.shape[1], gradient)
+        for (order, name, output), gradient in zip(grids, gradients, strict=True)
+        if gradient is not None and bool(gradient.ne(0).any())
+    ]
+    if not used or used[-1][0] < last_map:
+        return None  # no sequence reaches the head, or a convolutional map ends: the CNN rule
+    final = [(name, gradient) for _, name, length, gradient in used if length == used[-1][2]]
+    reached = [name for name, gradient in final if bool(gradient[:, prefix:].ne(0).any())]
+    if reached and reached[-1] == final[-1][0]:
+        return reached[-1]
+    norms = [name for name in reached if isinstance(model.get_submodule(name), nn.LayerNorm)]
+    return norms[-1] if norms else None
+
+
 def _head_averages_final_patch_tokens(config) -> bool:
     """Whether the head reads the final layer's patch tokens only through their mean: then
     the final ``layernorm`` (an ``Identity`` in BEiT with mean pooling) is the layer. The other
@@ -240,7 +346,13 @@ def processor_preprocessing(directory: Path, notes: list[str] | None = None):
             f"{kind} is neither of transformers' torchvision and PIL image processors: camserve "
             "reproduces the processors that resize, centre-crop, rescale and normalise"
         )
-    ours = _read_processor(processor, kind, isinstance(processor, TorchvisionBackend))
+    try:
+        ours = _read_processor(processor, kind, isinstance(processor, TorchvisionBackend))
+    except (AttributeError, KeyError, TypeError) as err:  # a setting of another shape
+        raise ValueError(
+            f"{kind}: camserve cannot read its settings as resize, crop, rescale and normalise "
+            f"({first_line(err)}): camserve does not reproduce this preprocessing"
+        ) from None
 
     def theirs(image):
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
@@ -261,6 +373,11 @@ def _read_processor(processor, kind: str, tensor_backend: bool):
     if not processor.do_resize or getattr(processor, "do_pad", False):
         raise ValueError(f"{kind}: camserve needs do_resize true and do_pad false")
     size = processor.size
+    if size is None:
+        raise ValueError(
+            f"{kind} has no size: it does not resize to one image size (it may cut patches of "
+            "its own); camserve needs height and width, or a shortest edge with a centre crop"
+        )
     crop = (
         (processor.crop_size.height, processor.crop_size.width)
         if getattr(processor, "do_center_crop", False)
