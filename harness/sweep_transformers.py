@@ -302,9 +302,13 @@ def check_explanations(explainer, row: Row, photos, jpeg_bytes, ParsedRequest, R
         grad_cam = ours.explained.grad_cam
         finite = bool(torch.isfinite(ours.explained.signed_map).all())
         row.map_ok &= finite and bool(grad_cam.abs().sum() > 0)
-        captum = LayerGradCam(explainer.model, tap).attribute(
-            ours.image.tensor[None], target=ours.explained.index, relu_attributions=True
-        )[0, 0]
+        captum = (
+            LayerGradCam(explainer.model, tap)
+            .attribute(
+                ours.image.tensor[None], target=ours.explained.index, relu_attributions=True
+            )[0, 0]
+            .detach()
+        )
         scale = float(captum.max().clamp_min(1e-30))
         difference = float((grad_cam - captum).abs().max()) / scale
         worst = max(worst, difference if math.isfinite(difference) else math.inf)

@@ -156,6 +156,12 @@ class TransformersSource(Source):
                 f"{directory}/config.json needs code from the folder (auto_map): camserve does "
                 "not run a model folder's code (trust_remote_code stays off)"
             )
+        if config.get("model_type") == "timm_wrapper":
+            raise ValueError(
+                f"{directory} holds a timm model in transformers' TimmWrapper (its preprocessing "
+                "is timm's, in config.json): save the timm model itself with "
+                "timm.models.save_for_hf(model.timm_model, folder) and archive that folder"
+            )
         known = {
             name
             for names in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values()
