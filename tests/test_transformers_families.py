@@ -2,15 +2,16 @@
 
 One representative of each class the sweep (``python -m harness.sweep_transformers``) found:
 token models whose head pools the final patch tokens (I-JEPA without a class token, CLIP with
-one, SigLIP with an attention-pooling head the classifier does not read, PVTv2), token models
-whose head reads the class token only (CvT and PVT, whose convolutions run inside the
-attention), and the families refused in one line (a model that takes input_ids, a processor
+one, SigLIP with an attention-pooling head the classifier does not read, PVTv2); BiT's final
+normalisation and activation, the map its head pools, which the CNN rule passes over; token
+models whose head reads the class token only (CvT and PVT, whose convolutions run inside the
+attention); and the families refused in one line (a model that takes input_ids, a processor
 that cuts patches itself, a timm model in transformers' wrapper, Hiera's unrolled tokens).
 Each archived one: the CLI's archive, unpacked and loaded as the handler loads it, two photos
 explained, the map equal to Captum's LayerGradCam at the grid; then the oracle for the layer
-itself: the classifier's input is the mean of the layer's patch tokens (pooled heads), or the
-final sequence's patch tokens get no gradient while the chosen layer's do (class-token heads).
-Tiny seeded random models at 64x64 (harness.sweep_transformers.build).
+itself: the classifier's input is the mean of the layer's patch tokens or map (pooled heads),
+or the final sequence's patch tokens get no gradient while the chosen layer's do (class-token
+heads). Tiny seeded random models at 64x64 (harness.sweep_transformers.build).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ POOLED = {
     "clip": ("vision_model.encoder.layers.1", "cls_tokens", True),
     "siglip": ("vision_model.post_layernorm", "tokens", False),
     "pvt_v2": ("pvt_v2.encoder.layers.3.layer_norm", "tokens", True),
+    # a feature map: the pre-activation network's final GroupNorm and ReLU, which the CNN
+    # rule (it needs a convolution) would pass over for the last stage
+    "bit": ("bit.norm", "nchw", True),
 }
 CLASS_TOKEN = {
     "cvt": ("cvt.encoder.stages.2.layers.2.layernorm_before", "cls_tokens", False),
@@ -94,8 +98,11 @@ def test_the_head_averages_the_layers_patch_tokens(model_type):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         output, head_input, _ = _run(model, layer, x)
-    patches = output[:, learned_tokens(model) :]
-    torch.testing.assert_close(head_input, patches.mean(dim=1), atol=1e-5, rtol=0)
+    if output.dim() == 4:  # (N, C, h, w)
+        mean = output.flatten(2).mean(dim=2)
+    else:
+        mean = output[:, learned_tokens(model) :].mean(dim=1)
+    torch.testing.assert_close(head_input.flatten(1), mean, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("model_type", list(CLASS_TOKEN))

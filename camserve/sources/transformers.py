@@ -56,6 +56,8 @@ BLOCK_NORMS = ("layernorm_before", "norm1")
 # block's MLP branch (its blocks return tuples, which the rule passes over). The layer whose
 # output the head averages instead.
 CONV_FAMILY_LAYERS = {"efficientnet": "efficientnet.encoder.top_activation", "poolformer": "norm"}
+# Modules that pool a feature map, globally when their output is 1x1.
+POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool2d)
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 # Image processor classes with a resize rule of their own that camserve reproduces
 # (crop_pct); any other setting a class reads is caught by the measurement (verify.py).
@@ -86,7 +88,7 @@ class TransformersSource(Source):
         if family in UNORDERED_TOKEN_FAMILIES:
             return None
         if family not in TOKEN_FAMILIES:
-            return _token_layer(model)
+            return _token_layer(model) or _pooled_map(model)
         if _head_averages_final_patch_tokens(config):
             return f"{model.base_model_prefix}.layernorm"
         norms = [n for n, _ in model.named_modules() if n.rpartition(".")[2] in BLOCK_NORMS]
@@ -299,6 +301,46 @@ def _token_layer(model: nn.Module) -> str | None:
         return reached[-1]
     norms = [name for name in reached if isinstance(model.get_submodule(name), nn.LayerNorm)]
     return norms[-1] if norms else None
+
+
+def _pooled_map(model: nn.Module) -> str | None:
+    """The module whose (N, C, h, w) output the head's global pooling takes, in the families no
+    table names (None: no such pooling, for the CNN rule). The CNN rule needs a convolution, so
+    it would pass over a final normalisation and activation: BiT's pre-activation ``bit.norm``
+    (as EfficientNet's ``top_activation``, which its table names)."""
+    config = _vision_config(model.config)
+    side = getattr(config, "image_size", None) or 224
+    size = (side, side) if isinstance(side, int) else (int(side[0]), int(side[1]))
+    produced: list[tuple[str, torch.Tensor]] = []
+    pooled: list[tuple[torch.Tensor, int]] = []  # (a global pool's input, maps made before it)
+    maps = 0
+
+    def record(name: str, module: nn.Module):
+        def hook(module_: nn.Module, inputs: tuple, output) -> None:
+            nonlocal maps
+            if not isinstance(output, torch.Tensor) or output.dim() != 4:
+                return
+            produced.append((name, output))
+            if isinstance(module, POOLS) and output.shape[-2:] == (1, 1):
+                pooled.append((inputs[0], maps))
+            elif output.shape[-2:] != (1, 1) and any(
+                isinstance(m, nn.Conv2d) for m in module.modules()
+            ):
+                maps += 1
+
+        return hook
+
+    handles = [m.register_forward_hook(record(n, m)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not pooled or pooled[-1][1] != maps:  # a feature map after the last global pool
+        return None
+    sources = [name for name, output in produced if output is pooled[-1][0]]
+    return sources[-1] if sources else None  # the last to finish: the outermost module
 
 
 def _head_averages_final_patch_tokens(config) -> bool:
