@@ -138,7 +138,12 @@ CONFIGS: dict[str, dict] = {
 PROCESSORS = {"dinov2_with_registers": "BitImageProcessor", "hgnet_v2": "BitImageProcessor"}
 # Extra cases: (name, model_type, config additions)
 MULTI_LABEL = {"problem_type": "multi_label_classification"}
-EXTRA = [("resnet+multi-label", "resnet", MULTI_LABEL), ("vit+multi-label", "vit", MULTI_LABEL)]
+EXTRA = [
+    ("resnet+multi-label", "resnet", MULTI_LABEL),
+    ("vit+multi-label", "vit", MULTI_LABEL),
+    # a stage after the first without query pooling: Hiera's tokens stay unrolled
+    ("hiera-unrolled", "hiera", dict(depths=[1, 1, 1], num_heads=[1, 2, 4], num_query_pool=1)),
+]
 # Logits below this (peak absolute) are the library initialisation fading out: re-initialised.
 FADED_LOGITS = 1e-4
 MAP_TOLERANCE = 1e-5
@@ -175,7 +180,7 @@ def build(model_type: str, extra: dict):
     names = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[model_type]
     class_name = names if isinstance(names, str) else names[0]
     labels = {"id2label": dict(enumerate(LABELS)), "label2id": {n: i for i, n in enumerate(LABELS)}}
-    config = CONFIG_MAPPING[model_type](**CONFIGS.get(model_type, {}), **labels, **extra)
+    config = CONFIG_MAPPING[model_type](**(CONFIGS.get(model_type, {}) | labels | extra))
     torch.manual_seed(0)
     model = getattr(transformers, class_name)(config).eval()
     processors = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or {}

@@ -6,7 +6,8 @@ one, SigLIP with an attention-pooling head the classifier does not read, PVTv2);
 normalisation and activation, the map its head pools, which the CNN rule passes over; token
 models whose head reads the class token only (CvT and PVT, whose convolutions run inside the
 attention); and the families refused in one line (a model that takes input_ids, a processor
-that cuts patches itself, a timm model in transformers' wrapper, Hiera's unrolled tokens).
+that cuts patches itself, a timm model in transformers' wrapper, Hiera: the tokens its head
+pools are no module's output, or are in its unrolled order).
 Each archived one: the CLI's archive, unpacked and loaded as the handler loads it, two photos
 explained, the map equal to Captum's LayerGradCam at the grid; then the oracle for the layer
 itself: the classifier's input is the mean of the layer's patch tokens or map (pooled heads),
@@ -42,7 +43,18 @@ REFUSED = {
     "imagegpt": "takes input_ids",
     "siglip2": "Siglip2ImageProcessor has no size",
     "timm_wrapper": "timm.models.save_for_hf(model.timm_model, folder)",
-    "hiera": "--target-layer",
+    # its blocks return tuples: the last sequence to finish is the MLP branch, not what the
+    # head pools (the block's residual sum, which no module outputs)
+    "hiera": "no single module outputs",
+    # a stage after the first without query pooling: no layout reads its tokens as a grid
+    "hiera-unrolled": "Hiera's unrolled order",
+}
+# cases that are a model_type with other config settings
+VARIANTS = {
+    "hiera-unrolled": (
+        "hiera",
+        dict(depths=[1, 1, 1], num_heads=[1, 2, 4], num_query_pool=1),
+    ),
 }
 
 
@@ -53,7 +65,8 @@ def swept(tmp_path_factory):
 
     def get(model_type: str):
         if model_type not in rows:
-            rows[model_type] = run_case(model_type, model_type, {}, tmp_path_factory.mktemp("m"))
+            family, settings = VARIANTS.get(model_type, (model_type, {}))
+            rows[model_type] = run_case(model_type, family, settings, tmp_path_factory.mktemp("m"))
         return rows[model_type]
 
     return get

@@ -42,9 +42,6 @@ TOKEN_FAMILIES = {
 # Token families whose position embeddings fix the input size (CLIP-like towers: their
 # vision_config's image_size and patch_size).
 FIXED_GRID_FAMILIES = ("vit", "vit_msn", "deit", "ijepa", "clip", "metaclip_2", "siglip")
-# Families whose tokens are in an order of their own (Hiera's unrolled mask units), which no
-# token layout reads as a row-major grid: never given a layer or a layout automatically.
-UNORDERED_TOKEN_FAMILIES = ("hiera",)
 # The parameters holding the tokens a model puts before its patch tokens (class,
 # distillation, register tokens; CLIP's class_embedding): outside the tables, their count is
 # the prefix of a token layout.
@@ -85,8 +82,13 @@ class TransformersSource(Source):
         family = config.model_type
         if family in CONV_FAMILY_LAYERS:
             return CONV_FAMILY_LAYERS[family]
-        if family in UNORDERED_TOKEN_FAMILIES:
-            return None
+        if not _row_major_tokens(config):
+            raise ValueError(
+                f"{type(model).__name__} keeps its last stage's tokens in Hiera's unrolled order "
+                f"(num_query_pool {config.num_query_pool} < {len(config.depths) - 1} stages "
+                "after the first): no --target-layout reads them as a grid, so camserve cannot "
+                "explain this model"
+            )
         if family not in TOKEN_FAMILIES:
             return _token_layer(model) or _pooled_map(model)
         if _head_averages_final_patch_tokens(config):
@@ -99,7 +101,7 @@ class TransformersSource(Source):
         if len(shape) == 3 and config.model_type in TOKEN_FAMILIES:
             registers = config.num_register_tokens if "registers" in config.model_type else 0
             return token_layout(TOKEN_FAMILIES[config.model_type] + int(registers))
-        if len(shape) == 3 and config.model_type not in UNORDERED_TOKEN_FAMILIES:
+        if len(shape) == 3 and _row_major_tokens(config):
             return token_layout(learned_tokens(model))
         return NCHW if len(shape) == 4 else None
 
@@ -216,6 +218,15 @@ class TransformersSource(Source):
         return model.eval()
 
 
+def _row_major_tokens(config) -> bool:
+    """Whether the final tokens are in row-major order. Hiera unrolls its mask units so that
+    each query pooling is a reshape; only when every stage after the first pools (its released
+    configurations) is its last stage's order row-major again."""
+    if config.model_type != "hiera":
+        return True
+    return config.num_query_pool >= len(config.depths) - 1
+
+
 def _vision_config(config):
     """The config holding the image side: a CLIP-like model's vision_config, else its own."""
     return getattr(config, "vision_config", None) or config
@@ -251,11 +262,15 @@ def _token_layer(model: nn.Module) -> str | None:
     last_map = -1
     counter = iter(range(1 << 30))
 
+    linear: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of nn.Linear
+
     def record(name: str):
         def hook(module: nn.Module, inputs: tuple, output) -> None:
             nonlocal last_map
             if not isinstance(output, torch.Tensor):
                 return
+            if isinstance(module, nn.Linear):
+                linear.append((inputs[0], output))
             order = next(counter)
             if output.dim() == 3:
                 outputs[name] = (order, output)
@@ -298,9 +313,28 @@ def _token_layer(model: nn.Module) -> str | None:
     final = [(name, gradient) for _, name, length, gradient in used if length == used[-1][2]]
     reached = [name for name, gradient in final if bool(gradient[:, prefix:].ne(0).any())]
     if reached and reached[-1] == final[-1][0]:
+        # The head pools these tokens: only if its classifier's input is their mean is this
+        # module's output what it pools (a block that returns a tuple leaves a branch of it,
+        # e.g. Hiera's MLP branch before the residual sum, as the last sequence to finish).
+        head = [inputs for inputs, output in linear if output is logits]
+        if head and not _is_mean(outputs[reached[-1]][1][:, prefix:].detach(), head[-1]):
+            raise ValueError(
+                f"{type(model).__name__}'s head pools token sequences that no single module "
+                "outputs (its blocks return tuples): name the layer with --target-layer and "
+                "its layout with --target-layout"
+            )
         return reached[-1]
     norms = [name for name in reached if isinstance(model.get_submodule(name), nn.LayerNorm)]
     return norms[-1] if norms else None
+
+
+def _is_mean(tokens: torch.Tensor, head_input: torch.Tensor) -> bool:
+    """Whether ``head_input`` (N, C) is the mean of ``tokens`` (N, L, C), up to float32."""
+    mean, head_input = tokens.mean(dim=1), head_input.detach().flatten(1)
+    if mean.shape != head_input.shape:
+        return False
+    scale = float(head_input.abs().max().clamp_min(1e-12))
+    return bool((mean - head_input).abs().max() <= 1e-4 * scale)
 
 
 def _pooled_map(model: nn.Module) -> str | None:
