@@ -141,6 +141,8 @@ MULTI_LABEL = {"problem_type": "multi_label_classification"}
 EXTRA = [
     ("resnet+multi-label", "resnet", MULTI_LABEL),
     ("vit+multi-label", "vit", MULTI_LABEL),
+    # the mapping's second class: the mean of the class and distillation heads
+    ("deit+teacher", "deit", {"model_class": "DeiTForImageClassificationWithTeacher"}),
     # a stage after the first without query pooling: Hiera's tokens stay unrolled
     ("hiera-unrolled", "hiera", dict(depths=[1, 1, 1], num_heads=[1, 2, 4], num_query_pool=1)),
 ]
@@ -178,7 +180,8 @@ def build(model_type: str, extra: dict):
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
     names = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[model_type]
-    class_name = names if isinstance(names, str) else names[0]
+    extra = dict(extra)
+    class_name = extra.pop("model_class", None) or (names if isinstance(names, str) else names[0])
     labels = {"id2label": dict(enumerate(LABELS)), "label2id": {n: i for i, n in enumerate(LABELS)}}
     config = CONFIG_MAPPING[model_type](**(CONFIGS.get(model_type, {}) | labels | extra))
     torch.manual_seed(0)
@@ -346,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated cases or model types")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--tracebacks", action="store_true", help="print them")
+    parser.add_argument("--markdown", action="store_true", help="then the docs' table")
     args = parser.parse_args(argv)
     import logging
 
@@ -372,7 +376,28 @@ def main(argv: list[str] | None = None) -> int:
             print(row.notes[-1])
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+    if args.markdown:
+        print("\n".join(markdown(rows)))
     return 0
+
+
+def markdown(rows: list[Row]) -> list[str]:
+    """The docs' table: one row per case, the layer or why it was refused."""
+    lines = [
+        "| model_type | class | layer | layout | compensable | checks |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.status == "archived":
+            checks = "map, Captum, score" if verdict(row) == "archived" else verdict(row)
+            cells = [f"`{row.layer}`", row.layout, "yes" if row.compensable else "no", checks]
+        else:
+            why = row.message.removeprefix("exit 2: camserve archive: error: ")
+            why = why.replace(str(Path(tempfile.gettempdir())), "<tmp>").replace("|", "\\|")
+            cells = [f"{row.status}: {why}", "", "", ""]
+        name = row.case.replace("+", " + ")
+        lines.append(f"| {name} | {row.model_class or '-'} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":
