@@ -12,8 +12,12 @@ the token families at the last block's first norm when the head reads the class 
 DeiT, BEiT without mean pooling; DINOv2, whose head also reads the patch tokens' mean), or at
 the final ``layernorm`` when it averages the final patch tokens (Swin, BEiT and Data2Vec-vision
 with mean pooling); EfficientNet after its last convolution's normalisation and activation,
-PoolFormer at the head's GroupNorm; the other convolutional families (ResNet, ConvNeXt,
-MobileNetV2, MobileViT...) at their last convolutional feature map. Anything else is refused.
+PoolFormer at the head's GroupNorm. The other families by what their head reads, from one
+forward and backward pass: the final tokens it averages (I-JEPA, CLIP, SigLIP, FocalNet,
+PVTv2), else, when it reads the class token only, the last LayerNorm whose patch tokens reach
+it (CvT, PVT); the feature map its global pooling takes (BiT's final norm); else the last
+convolutional feature map (ResNet, ConvNeXt, MobileNetV2, MobileViT...). Anything else is
+refused.
 
 The preprocessing is read from the folder's image processor and measured against it
 (camserve.sources.verify): a setting camserve does not read is refused with numbers.
