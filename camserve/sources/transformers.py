@@ -35,6 +35,7 @@ from torch import nn
 
 from camserve.architectures import first_line
 from camserve.grid import NCHW, grid_size, token_layout
+from camserve.layers import _has_conv
 from camserve.sources import BuiltModel, FixedInput, Source
 
 # model_type -> tokens before the patch tokens (class, distillation), for the token families;
@@ -231,6 +232,12 @@ def _row_major_tokens(config) -> bool:
     return config.num_query_pool >= len(config.depths) - 1
 
 
+def _config_size(config) -> tuple[int, int]:
+    """The (H, W) the config was built for (224 when it does not say), to trace the model at."""
+    side = getattr(_vision_config(config), "image_size", None) or 224
+    return (side, side) if isinstance(side, int) else (int(side[0]), int(side[1]))
+
+
 def _vision_config(config):
     """The config holding the image side: a CLIP-like model's vision_config, else its own."""
     return getattr(config, "vision_config", None) or config
@@ -257,9 +264,7 @@ def _token_layer(model: nn.Module) -> str | None:
     only, and the layer is the last LayerNorm whose patch tokens the logit reaches, the last
     block's attention input, as for ViT (CvT and PVT, whose convolutions run inside the
     attention, so that the CNN rule would take a key or value projection)."""
-    config = _vision_config(model.config)
-    side = getattr(config, "image_size", None) or 224
-    size = (side, side) if isinstance(side, int) else (int(side[0]), int(side[1]))
+    size = _config_size(model.config)
     prefix = learned_tokens(model)
     layout = token_layout(prefix)
     outputs: dict[str, tuple[int, torch.Tensor]] = {}
@@ -278,7 +283,7 @@ def _token_layer(model: nn.Module) -> str | None:
             order = next(counter)
             if output.dim() == 3:
                 outputs[name] = (order, output)
-            elif output.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in module.modules()):
+            elif output.dim() == 4 and _has_conv(module):
                 last_map = order
 
         return hook
@@ -346,9 +351,7 @@ def _pooled_map(model: nn.Module) -> str | None:
     table names (None: no such pooling, for the CNN rule). The CNN rule needs a convolution, so
     it would pass over a final normalisation and activation: BiT's pre-activation ``bit.norm``
     (as EfficientNet's ``top_activation``, which its table names)."""
-    config = _vision_config(model.config)
-    side = getattr(config, "image_size", None) or 224
-    size = (side, side) if isinstance(side, int) else (int(side[0]), int(side[1]))
+    size = _config_size(model.config)
     produced: list[tuple[str, torch.Tensor]] = []
     pooled: list[tuple[torch.Tensor, int]] = []  # (a global pool's input, maps made before it)
     maps = 0
@@ -361,9 +364,7 @@ def _pooled_map(model: nn.Module) -> str | None:
             produced.append((name, output))
             if isinstance(module, POOLS) and output.shape[-2:] == (1, 1):
                 pooled.append((inputs[0], maps))
-            elif output.shape[-2:] != (1, 1) and any(
-                isinstance(m, nn.Conv2d) for m in module.modules()
-            ):
+            elif output.shape[-2:] != (1, 1) and _has_conv(module):
                 maps += 1
 
         return hook
