@@ -153,3 +153,25 @@ def test_refused_in_one_line(swept, model_type):
     row = swept(model_type)
     assert row.status == "refused", (row.status, row.message)  # exit 2, one line
     assert REFUSED[model_type] in row.message
+
+
+def test_a_processor_for_another_size_is_refused_in_one_line(tmp_path, capfd):
+    """PVT's position embeddings are for the config's 64x64: a 96x96 processor would fail in
+    the model with the library's own words (a reshape); the archive says what disagrees."""
+    import transformers
+
+    from camserve.tools.cli import main as camserve
+
+    model, _ = build("pvt", {})
+    model.save_pretrained(tmp_path / "pvt")
+    transformers.PvtImageProcessor(size={"height": 96, "width": 96}).save_pretrained(
+        tmp_path / "pvt"
+    )
+    capfd.readouterr()  # save_pretrained's progress bar
+    code = camserve(
+        ["archive", "--pretrained", str(tmp_path / "pvt"), "--export-path", str(tmp_path)]
+    )
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "does not run on its image processor's 96x96 output" in lines[0]
+    assert "config.json says 64x64" in lines[0]

@@ -135,6 +135,7 @@ class TransformersSource(Source):
         labels = [str(id2label[i]) for i in sorted(id2label)] if id2label else None
         notes: list[str] = []
         preprocessing = processor_preprocessing(directory, notes)
+        _check_runs_at(model, class_name, preprocessing.input_size)
         return BuiltModel(
             source=self,
             architecture=f"{self.prefix}{class_name}",
@@ -230,6 +231,21 @@ def _row_major_tokens(config) -> bool:
     if config.model_type != "hiera":
         return True
     return config.num_query_pool >= len(config.depths) - 1
+
+
+def _check_runs_at(model: nn.Module, class_name: str, size: tuple[int, int]) -> None:
+    """Refuse, in one line, a model that fails on its own processor's output size (position
+    embeddings for another size: PVT, SigLIP, CLIP...), before the library's error would."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *size))
+    except (RuntimeError, ValueError) as err:
+        built_for = "x".join(str(side) for side in _config_size(model.config))
+        raise ValueError(
+            f"{class_name} does not run on its image processor's {size[0]}x{size[1]} output "
+            f"({first_line(err)}); its config.json says {built_for}: save the processor that "
+            "makes the input the model was trained at"
+        ) from None
 
 
 def _config_size(config) -> tuple[int, int]:
