@@ -141,6 +141,8 @@ MULTI_LABEL = {"problem_type": "multi_label_classification"}
 EXTRA = [
     ("resnet+multi-label", "resnet", MULTI_LABEL),
     ("vit+multi-label", "vit", MULTI_LABEL),
+    # 64 final channels: its pooler's (N, 64, 1) output would read as an 8x8 grid of tokens
+    ("focalnet-64", "focalnet", {"embed_dim": 32}),
     # the mapping's second class: the mean of the class and distillation heads
     ("deit+teacher", "deit", {"model_class": "DeiTForImageClassificationWithTeacher"}),
     # a stage after the first without query pooling: Hiera's tokens stay unrolled

@@ -30,6 +30,8 @@ POOLED = {
     "clip": ("vision_model.encoder.layers.1", "cls_tokens", True),
     "siglip": ("vision_model.post_layernorm", "tokens", False),
     "pvt_v2": ("pvt_v2.encoder.layers.3.layer_norm", "tokens", True),
+    # 64 final channels: its pooler's (N, 64, 1) output is no 8x8 grid of tokens
+    "focalnet-64": ("focalnet.layernorm", "tokens", True),
     # a feature map: the pre-activation network's final GroupNorm and ReLU, which the CNN
     # rule (it needs a convolution) would pass over for the last stage
     "bit": ("bit.norm", "nchw", True),
@@ -51,6 +53,7 @@ REFUSED = {
 }
 # cases that are a model_type with other config settings
 VARIANTS = {
+    "focalnet-64": ("focalnet", {"embed_dim": 32}),
     "hiera-unrolled": (
         "hiera",
         dict(depths=[1, 1, 1], num_heads=[1, 2, 4], num_query_pool=1),
@@ -105,7 +108,7 @@ def _run(model, layer: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 @pytest.mark.parametrize("model_type", list(POOLED))
 def test_the_head_averages_the_layers_patch_tokens(model_type):
-    model, _ = build(model_type, {})
+    model, _ = build(*VARIANTS.get(model_type, (model_type, {})))
     layer = TransformersSource().target_layer(model)
     assert layer == POOLED[model_type][0]
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))

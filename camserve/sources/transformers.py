@@ -297,7 +297,7 @@ def _token_layer(model: nn.Module) -> str | None:
             if isinstance(module, nn.Linear):
                 linear.append((inputs[0], output))
             order = next(counter)
-            if output.dim() == 3:
+            if output.dim() == 3 and output.shape[-1] > 1:  # (N, C, 1): a pooled vector
                 outputs[name] = (order, output)
             elif output.dim() == 4 and _has_conv(module):
                 last_map = order
