@@ -238,7 +238,7 @@ def _check_runs_at(model: nn.Module, class_name: str, size: tuple[int, int]) -> 
     embeddings for another size: PVT, SigLIP, CLIP...), before the library's error would."""
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, *size))
+            model(torch.zeros(1, 3, *size, device=_device(model)))
     except (RuntimeError, ValueError) as err:
         built_for = "x".join(str(side) for side in _config_size(model.config))
         raise ValueError(
@@ -246,6 +246,10 @@ def _check_runs_at(model: nn.Module, class_name: str, size: tuple[int, int]) -> 
             f"({first_line(err)}); its config.json says {built_for}: save the processor that "
             "makes the input the model was trained at"
         ) from None
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _config_size(config) -> tuple[int, int]:
@@ -286,7 +290,6 @@ def _token_layer(model: nn.Module) -> str | None:
     outputs: dict[str, tuple[int, torch.Tensor]] = {}
     last_map = -1
     counter = iter(range(1 << 30))
-
     linear: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of nn.Linear
 
     def record(name: str):
@@ -306,7 +309,8 @@ def _token_layer(model: nn.Module) -> str | None:
 
     handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
     # The input carries the gradient, so that frozen weights change nothing.
-    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    x = x.to(_device(model)).requires_grad_()
     try:
         with torch.enable_grad():
             logits = model(x)  # the served model gives the logits; a fresh one its output
@@ -372,8 +376,8 @@ def _pooled_map(model: nn.Module) -> str | None:
     pooled: list[tuple[torch.Tensor, int]] = []  # (a global pool's input, maps made before it)
     maps = 0
 
-    def record(name: str, module: nn.Module):
-        def hook(module_: nn.Module, inputs: tuple, output) -> None:
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple, output) -> None:
             nonlocal maps
             if not isinstance(output, torch.Tensor) or output.dim() != 4:
                 return
@@ -385,10 +389,10 @@ def _pooled_map(model: nn.Module) -> str | None:
 
         return hook
 
-    handles = [m.register_forward_hook(record(n, m)) for n, m in model.named_modules() if n]
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, *size))
+            model(torch.zeros(1, 3, *size, device=_device(model)))
     finally:
         for handle in handles:
             handle.remove()
