@@ -41,7 +41,8 @@ class LayerOutput:
     mixes_channels: bool = False  # holds a weight matrix or kernel of its own
 
 
-def _has_conv(module: nn.Module) -> bool:
+def has_conv(module: nn.Module) -> bool:
+    """The module is, or contains, a 2-D convolution."""
     return any(isinstance(m, nn.Conv2d) for m in module.modules())
 
 
@@ -83,7 +84,7 @@ def trace_outputs(model: nn.Module, input_size: tuple[int, int]) -> list[LayerOu
             LayerOutput(
                 name,
                 shape,
-                _has_conv(model.get_submodule(name)),
+                has_conv(model.get_submodule(name)),
                 order,
                 _mixes_channels(model.get_submodule(name)),
             )

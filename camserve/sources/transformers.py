@@ -35,7 +35,7 @@ from torch import nn
 
 from camserve.architectures import first_line
 from camserve.grid import NCHW, grid_size, token_layout
-from camserve.layers import _has_conv
+from camserve.layers import has_conv
 from camserve.sources import BuiltModel, FixedInput, Source
 
 # model_type -> tokens before the patch tokens (class, distillation), for the token families;
@@ -302,7 +302,7 @@ def _token_layer(model: nn.Module) -> str | None:
             order = next(counter)
             if output.dim() == 3 and output.shape[-1] > 1:  # (N, C, 1): a pooled vector
                 outputs[name] = (order, output)
-            elif output.dim() == 4 and _has_conv(module):
+            elif output.dim() == 4 and has_conv(module):
                 last_map = order
 
         return hook
@@ -384,7 +384,7 @@ def _pooled_map(model: nn.Module) -> str | None:
             produced.append((name, output))
             if isinstance(module, POOLS) and output.shape[-2:] == (1, 1):
                 pooled.append((inputs[0], maps))
-            elif output.shape[-2:] != (1, 1) and _has_conv(module):
+            elif output.shape[-2:] != (1, 1) and has_conv(module):
                 maps += 1
 
         return hook
