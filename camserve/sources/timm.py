@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
-from camserve.grid import NCHW, NHWC, token_layout
+from camserve.grid import NCHW, NHWC, grid_size, token_layout
 from camserve.sources import BuiltModel, FixedInput, Source
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
@@ -43,19 +43,46 @@ class TimmSource(Source):
         return load_weights(model, read_state_dict(directory / config.weights))
 
     def target_layer(self, model: nn.Module) -> str | None:
-        from timm.models.vision_transformer import VisionTransformer
+        """The module of the last ``feature_info`` entry, or the first layer in it the head
+        reads: a ``ModuleList`` (never called itself) gives its last block, and a block whose
+        patch tokens get no gradient (after it only the class token reaches the head: ViT,
+        DeiT, EVA, CaiT's and CoaT's class-token pooling) gives its first norm, ``norm1``."""
+        from camserve.grid import LAYOUTS, grid_tap
 
-        if isinstance(model, VisionTransformer):
-            return f"blocks.{len(model.blocks) - 1}.norm1"
-        info = getattr(model, "feature_info", None)
-        return info[-1]["module"] if info else None
+        candidates = feature_layers(model)
+        if not candidates:
+            return None
+        problems = []
+        for name in candidates:
+            try:
+                with grid_tap(model, name, _input_size(model)):
+                    return name
+            except ValueError as err:
+                problems.append(str(err).split(". ")[0])
+        raise ValueError(
+            f"cannot pick a target layer of timm's {type(model).__name__} automatically: "
+            f"{'; '.join(problems)}. Name one with --target-layer and its layout with "
+            f"--target-layout ({', '.join(LAYOUTS)})"
+        )
 
     def layout(self, model: nn.Module, layer_name: str, shape: tuple[int, ...]) -> str | None:
-        if len(shape) == 3 and hasattr(model, "num_prefix_tokens"):
-            return token_layout(int(model.num_prefix_tokens))
+        """Channels last when the model says ``output_fmt`` NHWC or its channel count
+        (``feature_info``'s ``num_chs``) is the last axis; tokens after ``num_prefix_tokens``
+        prefix tokens, else after none (CaiT and XCiT add the class token after the layer)
+        or one (CoaT has a class token but no ``num_prefix_tokens``): whichever gives the
+        input's grid."""
+        channels = _feature_channels(model)
         if len(shape) == 4:
-            # Swin and other channels-last timm models say so in output_fmt.
-            return NHWC if str(getattr(model, "output_fmt", "NCHW")) == "NHWC" else NCHW
+            nhwc = str(getattr(model, "output_fmt", "NCHW")) == "NHWC" or (
+                channels is not None and shape[1] != channels and shape[3] == channels
+            )
+            return NHWC if nhwc else NCHW
+        if len(shape) == 3 and channels in (None, shape[2]):
+            size = _input_size(model)
+            prefixes = (int(getattr(model, "num_prefix_tokens", 0) or 0), 0, 1)
+            for prefix in dict.fromkeys(prefixes):
+                if grid_size(token_layout(prefix), shape, size) is not None:
+                    return token_layout(prefix)
         return None
 
     def fixed_input(self, model: nn.Module) -> FixedInput | None:
@@ -111,6 +138,7 @@ class TimmSource(Source):
             load_weights,
             read_state_dict,
             state_dict_mismatch,
+            with_shared_tensors,
         )
 
         timm = self.require()
@@ -137,7 +165,7 @@ class TimmSource(Source):
             raise FileNotFoundError(
                 f"{directory} holds no weights ({', '.join(WEIGHT_FILES)}) next to config.json"
             )
-        state = read_state_dict(weights)
+        state = with_shared_tensors(model, read_state_dict(weights))
         problem = state_dict_mismatch(model, state)
         if problem:
             raise ValueError(
@@ -227,6 +255,39 @@ class TimmSource(Source):
             [info.index_to_description(i) for i in range(model.num_classes)],
             f"{subset} class names shipped with timm",
         )
+
+
+def feature_layers(model: nn.Module) -> list[str]:
+    """The Grad-CAM layers to try, in order: the last ``feature_info`` module (its last
+    block when it is a ``ModuleList``, which is never called itself), then the last
+    ``norm1`` inside it (the first norm of its last transformer block)."""
+    info = getattr(model, "feature_info", None)
+    if not info:
+        return []
+    name = info[-1]["module"]
+    modules = dict(model.named_modules())
+    if name not in modules:
+        # A few models' feature_info misspells the module (Twins: "block.3" for "blocks.3").
+        close = difflib.get_close_matches(name, list(modules), n=1, cutoff=0.9)
+        if not close:
+            return []
+        name = close[0]
+    module = modules[name]
+    if isinstance(module, nn.ModuleList) and len(module):
+        name, module = f"{name}.{len(module) - 1}", module[-1]
+    norms = [n for n, m in module.named_modules() if n.rpartition(".")[2] == "norm1"]
+    return [name] + [f"{name}.{n}" for n in norms[-1:]]
+
+
+def _feature_channels(model: nn.Module) -> int | None:
+    info = getattr(model, "feature_info", None)
+    return int(info[-1]["num_chs"]) if info and info[-1].get("num_chs") else None
+
+
+def _input_size(model: nn.Module) -> tuple[int, int]:
+    """The input size the model was built for (its data config, --input-size included)."""
+    _, height, width = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    return int(height), int(width)
 
 
 def data_config_preprocessing(config: dict):
