@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    torch.set_num_threads(2)
+    # One thread: on a shared 2-core machine OpenMP's waiting slows a second one down.
+    torch.set_num_threads(1)
     if args.one:
         print(json.dumps(check_one(args.one, args.build_limit)))
         return 0

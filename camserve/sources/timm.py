@@ -127,7 +127,10 @@ class TimmSource(Source):
             name, pretrained=False, num_classes=num_classes, pretrained_cfg_overlay=overlay
         )
         mismatch_hint(model, state, input_size)
+        if input_size is not None:
+            default_size_hint(timm, name, num_classes, model, state, input_size)
         load_weights(model, state)
+        check_runs(model.eval(), name, input_size is not None)
         notes = [f"weights: {key} of the checkpoint"] if key else []
         return self._built(name, model, *self._imagenet_labels(model), notes)
 
@@ -209,10 +212,15 @@ class TimmSource(Source):
         return ours
 
     def save(self, model: nn.Module, out_dir: Path, labels: list[str]) -> tuple[str, str]:
-        """timm's own folder layout: (weights file, config file) in ``out_dir``."""
-        from timm.models import save_for_hf
+        """timm's own folder layout: (weights file, config file) in ``out_dir``, as
+        ``timm.models.save_for_hf`` writes it, but with safetensors' ``save_model``: it
+        stores a tensor shared under several names once (CoaT), where ``save_file`` refuses."""
+        from safetensors.torch import save_model
+        from timm.models._hub import save_config_for_hf
 
-        save_for_hf(model, out_dir, model_config={"label_names": labels}, safe_serialization=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(out_dir / "model.safetensors"))
+        save_config_for_hf(model, out_dir / "config.json", model_config={"label_names": labels})
         return "model.safetensors", "config.json"
 
     def _check_name(self, timm, name: str) -> None:
@@ -317,6 +325,48 @@ def data_config_preprocessing(config: dict):
         interpolation=str_to_interp_mode(config["interpolation"]).value,
         keep_ratio=keep_ratio,
     )
+
+
+def check_runs(model: nn.Module, name: str, size_given: bool) -> None:
+    """Refuse, in one line, a model that does not run at its input size: window sizes,
+    attention biases or asserts fix the size of some families (Swin, LeViT, EfficientFormer),
+    and their error would otherwise surface as a traceback."""
+    import torch
+    from timm.models import get_pretrained_cfg_value
+
+    from camserve.architectures import first_line
+
+    height, width = _input_size(model)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, height, width))
+    except Exception as err:  # noqa: BLE001 - whatever the library raises becomes one line
+        default = (get_pretrained_cfg_value(name, "input_size") or (3, height, width))[1:]
+        hint = f"; give an --input-size it accepts (its default is {default[0]}x{default[1]})"
+        raise ValueError(
+            f"timm's {name} does not run at input size {height}x{width} "
+            f"({type(err).__name__}: {first_line(err)}){hint if size_given else ''}"
+        ) from None
+
+
+def default_size_hint(timm, name, num_classes, model, state, input_size) -> None:
+    """Refuse weights that fit the model at its default input size but not at the given
+    one (attention biases and relative position tables of LeViT, Swin... depend on it)."""
+    import torch
+
+    from camserve.architectures import state_dict_mismatch, with_shared_tensors
+
+    if state_dict_mismatch(model, with_shared_tensors(model, state)) is None:
+        return
+    with torch.device("meta"):
+        default = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if state_dict_mismatch(default, state) is None:
+        _, height, width = default.pretrained_cfg["input_size"]
+        raise ValueError(
+            f"the weights fit {name} at its default input size {height}x{width}, not at "
+            f"--input-size {'x'.join(map(str, input_size))}: some of its tensors depend on "
+            "the input size; drop --input-size"
+        )
 
 
 def mismatch_hint(model: nn.Module, state: dict, input_size: tuple[int, int] | None) -> None:
