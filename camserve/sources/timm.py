@@ -44,9 +44,11 @@ class TimmSource(Source):
 
     def target_layer(self, model: nn.Module) -> str | None:
         """The module of the last ``feature_info`` entry, or the first layer in it the head
-        reads: a ``ModuleList`` (never called itself) gives its last block, and a block whose
-        patch tokens get no gradient (after it only the class token reaches the head: ViT,
-        DeiT, EVA, CaiT's and CoaT's class-token pooling) gives its first norm, ``norm1``."""
+        reads (``feature_layers``): a ``ModuleList`` (never called itself) gives its last
+        block; a block whose patch tokens get no gradient (after it only the class token
+        reaches the head: ViT, DeiT, EVA, CoaT) or that returns a tuple (PiT) gives its last
+        ``norm1``; then the final ``norm``. The first whose output reads as a grid that gets
+        gradient is the layer; none: refused with the reason of each."""
         from camserve.grid import LAYOUTS, grid_tap
 
         candidates = feature_layers(model)
@@ -267,24 +269,29 @@ class TimmSource(Source):
 
 def feature_layers(model: nn.Module) -> list[str]:
     """The Grad-CAM layers to try, in order: the last ``feature_info`` module (its last
-    block when it is a ``ModuleList``, which is never called itself), then the last
-    ``norm1`` inside it (the first norm of its last transformer block)."""
+    block when it is a ``ModuleList``, which is never called itself), the last ``norm1``
+    inside it (the first norm of its last transformer block), then the model's final
+    ``norm``, whose tokens the head pools (MViTv2, whose stages return tuples)."""
     info = getattr(model, "feature_info", None)
     if not info:
         return []
-    name = info[-1]["module"]
     modules = dict(model.named_modules())
+    name = info[-1]["module"]
     if name not in modules:
         # A few models' feature_info misspells the module (Twins: "block.3" for "blocks.3").
         close = difflib.get_close_matches(name, list(modules), n=1, cutoff=0.9)
-        if not close:
-            return []
-        name = close[0]
-    module = modules[name]
-    if isinstance(module, nn.ModuleList) and len(module):
-        name, module = f"{name}.{len(module) - 1}", module[-1]
-    norms = [n for n, m in module.named_modules() if n.rpartition(".")[2] == "norm1"]
-    return [name] + [f"{name}.{n}" for n in norms[-1:]]
+        name = close[0] if close else None
+    layers = []
+    if name is not None:
+        module = modules[name]
+        if isinstance(module, nn.ModuleList) and len(module):
+            name, module = f"{name}.{len(module) - 1}", module[-1]
+        norms = [n for n, m in module.named_modules() if n.rpartition(".")[2] == "norm1"]
+        layers = [name] + [f"{name}.{n}" for n in norms[-1:]]
+    final = modules.get("norm")
+    if final is not None and not isinstance(final, nn.Identity):
+        layers.append("norm")
+    return layers
 
 
 def _feature_channels(model: nn.Module) -> int | None:
