@@ -43,6 +43,7 @@ LABELS = ["cat", "dog", "bird", "fish", "frog"]
 # Families that are not image classifiers camserve can build from a name and a state_dict:
 # vision towers of multimodal language models (no classifier head).
 NOT_CLASSIFIERS = ("deepseek_vit", "gemma4_vit", "qwen3_vit")
+CHECKS = ("finite", "nonzero", "captum", "score_in_range", "verified", "timm_grid")
 
 
 def families() -> dict[str, list[str]]:
@@ -272,6 +273,8 @@ def _explain(directory: Path, explainer_class, parsed_request, options) -> dict:
         "compensable": explainer.compensation.compensable,
         "finite": all(bool(m.isfinite().all()) for m in maps),
         "nonzero": all(bool(m.gt(0).any()) for m in maps),
+        # An empty map with a negative signed map: the random weights' answer, not a fault.
+        "signed_max": [float(answer.explained.signed_map.max()) for answer in answers],
         "score_in_range": all(math.isfinite(s) and 0 <= s <= 1 for s in scores),
     }
 
@@ -305,8 +308,7 @@ def _line(record: dict) -> str:
         return f"{record['family']:28} {record['model']:40} {record.get('status')}: " + str(
             record.get("message", "")
         )
-    checks = ("finite", "nonzero", "captum", "score_in_range", "verified", "timm_grid")
-    flags = [k for k in checks if record.get(k) is False]
+    flags = [k for k in CHECKS if record.get(k) is False]
     bad = f" FAILED {','.join(flags)}" if flags else ""
     return (
         f"{record['family']:28} {record['model']:40} {record['layer']} {record['layout']} "
@@ -315,19 +317,33 @@ def _line(record: dict) -> str:
     )
 
 
-def table(path: Path) -> str:
-    """The docs' Markdown table from a sweep's JSON lines."""
-    rows = ["| family | model | layer | layout | compensable |", "|---|---|---|---|---|"]
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if r["status"] == "ok":
-            rows.append(
-                f"| {r['family']} | `{r['model']}` | `{r['layer']}` | {r['layout']} | "
-                f"{'yes' if r['compensable'] else 'no'} |"
-            )
-        else:
+def table(paths: list[Path]) -> str:
+    """The docs' Markdown table from sweeps' JSON lines (a later line for a model wins)."""
+    records = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            records[record["family"]] = record
+    rows = [
+        "| family | model | layer | layout | compensable | notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for family, r in sorted(records.items()):
+        if r["status"] != "ok":
             why = r.get("message", "").removeprefix("camserve archive: error: ")
-            rows.append(f"| {r['family']} | `{r['model']}` | {r['status']}: {why} | | |")
+            rows.append(f"| {family} | `{r['model']}` | {r['status']}: {why} | | | |")
+            continue
+        failed = [k for k in CHECKS if r.get(k) is False]
+        notes = []
+        if failed == ["nonzero"] and max(r.get("signed_max", [-1])) <= 0:
+            notes.append("empty map on a photo: the signed map is negative everywhere")
+        elif failed:
+            notes.append(f"FAILED {', '.join(failed)}")
+        notes.append(f"grid {r['grid'][0]}x{r['grid'][1]} at {r['input_size'][0]}")
+        rows.append(
+            f"| {family} | `{r['model']}` | `{r['layer']}` | {r['layout']} | "
+            f"{'yes' if r['compensable'] else 'no'} | {'; '.join(notes)} |"
+        )
     return "\n".join(rows)
 
 
@@ -339,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-limit", type=float, default=60.0, help="seconds to build")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--table", type=Path, help="print the docs' table of a sweep's output")
+    parser.add_argument(
+        "--table", type=Path, nargs="+", help="print the docs' table of sweeps' output"
+    )
     args = parser.parse_args(argv)
     if args.table:
         print(table(args.table))
