@@ -51,7 +51,7 @@ class TimmSource(Source):
         gradient is the layer; none: refused with the reason of each."""
         from camserve.grid import LAYOUTS, grid_tap
 
-        candidates = feature_layers(model)
+        candidates = list(dict.fromkeys([*head_input(model), *feature_layers(model)]))
         if not candidates:
             return None
         problems = []
@@ -265,6 +265,44 @@ class TimmSource(Source):
             [info.index_to_description(i) for i in range(model.num_classes)],
             f"{subset} class names shipped with timm",
         )
+
+
+def head_input(model: nn.Module) -> list[str]:
+    """The module whose (N, C, h, w) or channels-last output ``forward_features`` returns,
+    the map ``forward_head`` reads: EfficientNet's ``bn2`` after its last convolution, which
+    ``feature_info`` leaves out; Swin's final ``norm``. Empty for token sequences (the
+    head may read the class token alone) and when a functional step (a reshape, a
+    concatenation) comes after the last module."""
+    import torch
+
+    forward_features = getattr(model, "forward_features", None)
+    if forward_features is None:
+        return []
+    finished: list[tuple[str, object]] = []
+    handles = [
+        module.register_forward_hook(
+            lambda module, inputs, output, name=name: finished.append((name, output))
+        )
+        for name, module in model.named_modules()
+        if name and not isinstance(module, nn.Identity)
+    ]
+    try:
+        with torch.no_grad():
+            features = forward_features(torch.zeros(1, 3, *_input_size(model)))
+    except Exception:  # noqa: BLE001 - then feature_info alone decides
+        return []
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not isinstance(features, torch.Tensor) or features.dim() != 4:
+        # Tokens: the head may read the class token alone (ViT), or a 1-token sequence (PiT).
+        return []
+    names = [name for name, output in finished if output is features]
+    containers = (nn.Sequential, nn.ModuleList)
+    preferred = [n for n in names if n in feature_layers(model)[:1]]
+    # Else the outermost module that is no mere container (bn2, not bn2.act nor stages).
+    modules = [n for n in names if not isinstance(model.get_submodule(n), containers)]
+    return preferred or modules[-1:]
 
 
 def feature_layers(model: nn.Module) -> list[str]:
