@@ -4,9 +4,14 @@ The served archive holds the folder that ``timm.models.save_for_hf`` writes (``c
 with the architecture, its arguments and ``pretrained_cfg``; ``model.safetensors``), and a
 worker rebuilds it with ``timm.create_model("local-dir:...")``: nothing is downloaded.
 
-- The Grad-CAM layer is the module of timm's own ``feature_info`` (the last feature map),
-  except for ViT/DeiT: after their last block only the class token reaches the head, so the
-  layer is the last block's ``norm1`` (tokens after ``num_prefix_tokens`` prefix tokens).
+- The Grad-CAM layer is the first of these whose output reads as a grid that gets gradient
+  from the explained logit: the map ``forward_features`` returns when it is one (EfficientNet's
+  ``bn2``, Swin's ``norm``); the module of timm's own ``feature_info`` (the last feature
+  map); the last ``norm1`` inside it (ViT, DeiT, EVA: after their last block only the class
+  token reaches the head); the final ``norm``. The layout comes from ``output_fmt``,
+  ``feature_info``'s channel count and the input's grid (``TimmSource.layout``); a model
+  none of them fits is refused with the reason for each (``harness.sweep_timm`` checks one
+  model of every timm family).
 - The preprocessing is timm's data config (``resolve_data_config``: input size,
   interpolation, ``crop_pct``, ``crop_mode``, mean, std), which ``create_transform`` turns
   into a resize of the PIL image, a centre crop (offsets rounded) and a normalisation; the
