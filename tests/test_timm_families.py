@@ -5,8 +5,8 @@ families whose rule it made camserve learn (docs/bring-your-own-model.md, "timm 
 checked"). Each is built small (fewer blocks where the constructor allows, 64x64 input),
 with seeded random weights, and checked for: the layer and layout camserve picks, the map
 against Captum's LayerGradCam at the grid and against Grad-CAM read by hand from the raw
-layer, and, where the layer is timm's own last feature map, the grid against timm's
-``forward_intermediates`` (which reorders tokens and channels itself). Then the archive
+layer, and the grid against timm's own (N, C, h, w) map (``forward_intermediates`` for a
+``feature_info`` module, ``forward_features`` for the map the head reads). Then the archive
 path for a model with shared tensors, and the one-line refusals.
 """
 
@@ -38,6 +38,14 @@ FAMILIES = {
     "pit_ti_224": ({}, "transformers.2.blocks.3.norm1", "cls_tokens"),
     # channels last without output_fmt: feature_info's num_chs is the last axis
     "volo_d1_224": ({}, "network.4", "nhwc"),
+    # forward_features ends after feature_info's last module: its last convolution and norm
+    "test_efficientnet": ({}, "bn2", "nchw"),
+    # forward_features returns the final norm's channels-last map (output_fmt NHWC)
+    "swin_tiny_patch4_window7_224": (
+        {"depths": (1, 1, 1, 1), "embed_dim": 24, "num_heads": (1, 1, 1, 1), "window_size": 2},
+        "norm",
+        "nhwc",
+    ),
     # feature_info misspells the module ("block.3" for "blocks.3"), a ModuleList (two
     # blocks: after the first, a position convolution follows)
     "twins_svt_small": ({"depths": (1, 1, 1, 2)}, "blocks.3.1", "tokens"),
@@ -107,18 +115,23 @@ def test_map_equals_captum_and_grad_cam_by_hand(explainers, name):
     "name", [n for n, (_, layer, _) in FAMILIES.items() if "norm1" not in layer]
 )
 def test_grid_equals_timms_own_feature_map(explainers, name):
-    """timm's forward_intermediates turns its last feature map into (N, C, h, w) by its own
-    code: the grid camserve explains must be that map, position for position."""
+    """timm's own code turns the map into (N, C, h, w): forward_intermediates reorders a
+    feature_info module's tokens or channels, forward_features returns what the head reads.
+    The grid camserve explains must be that map, position for position."""
+    _, layer, layout = FAMILIES[name]
     explainer = explainers(name)
     model = explainer.model
-    assert explainer.config.target_layer == feature_layers(model)[0]
     seen = []
     tap = model.get_submodule(explainer.gradcam.layer_name)
     handle = tap.register_forward_hook(lambda module, inputs, output: seen.append(output))
     x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
     try:
         with torch.no_grad():
-            theirs = model.forward_intermediates(x, indices=1, intermediates_only=True)[-1]
+            if layer == feature_layers(model)[0]:
+                theirs = model.forward_intermediates(x, indices=1, intermediates_only=True)[-1]
+            else:
+                theirs = model.forward_features(x)
+                theirs = theirs.permute(0, 3, 1, 2) if layout == "nhwc" else theirs
     finally:
         handle.remove()
     torch.testing.assert_close(seen[-1], theirs)
