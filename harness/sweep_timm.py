@@ -219,30 +219,44 @@ def check_one(name: str, build_limit: float) -> dict:
 
 
 def _grid_as_timm_reads_it(explainer, x) -> bool | None:
-    """Whether the explained grid equals timm's own last feature map
-    (``forward_intermediates``, which reorders tokens into (N, C, h, w) itself); None when
-    the layer is not the last ``feature_info`` module or the model has no such method."""
+    """Whether the explained grid equals timm's own (N, C, h, w) map: the last
+    ``forward_intermediates`` output (tokens and channels reordered by timm's code) for the
+    last ``feature_info`` module, ``forward_features``' output for the map the head reads;
+    None for another layer (a ``norm1``) or a model without the method."""
     import torch
 
-    from camserve.sources.timm import feature_layers
+    from camserve.grid import NHWC, GridLayer
+    from camserve.sources.timm import feature_layers, head_input
 
-    model = explainer.model
-    layers = feature_layers(model)
-    if not layers or explainer.config.target_layer != layers[0]:
+    model, layer = explainer.model, explainer.config.target_layer
+    wrapper = model.get_submodule(layer)
+    layout = wrapper.layout if isinstance(wrapper, GridLayer) else None
+    if layer in feature_layers(model)[:1]:
+
+        def theirs(x):
+            return model.forward_intermediates(x, indices=1, intermediates_only=True)[-1]
+
+    elif layer in head_input(model):
+
+        def theirs(x):
+            features = model.forward_features(x)
+            return features.permute(0, 3, 1, 2) if layout == NHWC else features
+
+    else:
         return None
     seen = []
     tap = model.get_submodule(explainer.gradcam.layer_name)
     handle = tap.register_forward_hook(lambda module, inputs, output: seen.append(output))
     try:
         with torch.no_grad():
-            theirs = model.forward_intermediates(x, indices=1, intermediates_only=True)[-1]
-    except Exception:  # noqa: BLE001 - not every family implements it
+            expected = theirs(x)
+    except Exception:  # noqa: BLE001 - not every family implements forward_intermediates
         return None
     finally:
         handle.remove()
-    if not seen or seen[-1].shape != theirs.shape:
+    if not seen or seen[-1].shape != expected.shape:
         return False
-    return bool(torch.allclose(seen[-1], theirs, atol=1e-5, rtol=1e-4))
+    return bool(torch.allclose(seen[-1], expected, atol=1e-5, rtol=1e-4))
 
 
 def _no_zero_weights(model) -> list[str]:
