@@ -289,7 +289,7 @@ def head_input(model: nn.Module) -> list[str]:
             lambda module, inputs, output, name=name: finished.append((name, output))
         )
         for name, module in model.named_modules()
-        if name and not isinstance(module, nn.Identity)
+        if name
     ]
     try:
         with torch.no_grad():
@@ -303,10 +303,10 @@ def head_input(model: nn.Module) -> list[str]:
         # Tokens: the head may read the class token alone (ViT), or a 1-token sequence (PiT).
         return []
     names = [name for name, output in finished if output is features]
-    containers = (nn.Sequential, nn.ModuleList)
+    passing = (nn.Sequential, nn.ModuleList, nn.Identity)
     preferred = [n for n in names if n in feature_layers(model)[:1]]
-    # Else the outermost module that is no mere container (bn2, not bn2.act nor stages).
-    modules = [n for n in names if not isinstance(model.get_submodule(n), containers)]
+    # Else the outermost module that does more than pass it on (bn2, not bn2.act nor stages).
+    modules = [n for n in names if not isinstance(model.get_submodule(n), passing)]
     return preferred or modules[-1:]
 
 
