@@ -40,9 +40,8 @@ import warnings
 from pathlib import Path
 
 LABELS = ["cat", "dog", "bird", "fish", "frog"]
-# Families that are not image classifiers camserve can build from a name and a state_dict:
-# vision towers of multimodal language models (no classifier head).
-NOT_CLASSIFIERS = ("deepseek_vit", "gemma4_vit", "qwen3_vit")
+# Families without a classifier: Gemma 4's vision encoder (num_classes 0).
+NOT_CLASSIFIERS = ("gemma4_vit",)
 CHECKS = ("finite", "nonzero", "captum", "score_in_range", "verified", "timm_grid")
 
 
