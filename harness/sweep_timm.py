@@ -220,8 +220,9 @@ def check_one(name: str, build_limit: float) -> dict:
 def _grid_as_timm_reads_it(explainer, x) -> bool | None:
     """Whether the explained grid equals timm's own (N, C, h, w) map: the last
     ``forward_intermediates`` output (tokens and channels reordered by timm's code) for the
-    last ``feature_info`` module, ``forward_features``' output for the map the head reads;
-    None for another layer (a ``norm1``) or a model without the method."""
+    last ``feature_info`` module (with the final norm for ``norm``), ``forward_features``'
+    output for the map the head reads; None for another layer (a ``norm1``) or a model
+    without the method."""
     import torch
 
     from camserve.grid import NHWC, GridLayer
@@ -230,16 +231,18 @@ def _grid_as_timm_reads_it(explainer, x) -> bool | None:
     model, layer = explainer.model, explainer.config.target_layer
     wrapper = model.get_submodule(layer)
     layout = wrapper.layout if isinstance(wrapper, GridLayer) else None
-    if layer in feature_layers(model)[:1]:
-
-        def theirs(x):
-            return model.forward_intermediates(x, indices=1, intermediates_only=True)[-1]
-
-    elif layer in head_input(model):
+    if layer in head_input(model):
 
         def theirs(x):
             features = model.forward_features(x)
             return features.permute(0, 3, 1, 2) if layout == NHWC else features
+
+    elif layer in feature_layers(model)[:1] or layer == "norm":
+        # The final norm (MViTv2's fallback): timm's intermediates with its final norm.
+        def theirs(x):
+            return model.forward_intermediates(
+                x, indices=1, norm=layer == "norm", intermediates_only=True
+            )[-1]
 
     else:
         return None
