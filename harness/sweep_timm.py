@@ -346,12 +346,15 @@ def table(paths: list[Path]) -> str:
     ]
     for family, r in sorted(records.items()):
         if r["status"] != "ok":
-            why = r.get("message", "").removeprefix("camserve archive: error: ")
-            rows.append(f"| {family} | `{r['model']}` | {r['status']}: {why} | | | |")
+            # The first reason of a refusal, e.g. "module 'blocks.2' does not run in ...".
+            why = r.get("message", "").partition("automatically: ")[2]
+            why = why.split("; ")[0].split(". Name one")[0]
+            why = f"{r['status']}: {why}" if why else r["status"]
+            rows.append(f"| {family} | `{r['model']}` | {why} | | | |")
             continue
         failed = [k for k in CHECKS if r.get(k) is False]
         notes = []
-        if failed == ["nonzero"] and max(r.get("signed_max", [-1])) <= 0:
+        if failed == ["nonzero"] and min(r.get("signed_max", [-1])) <= 0:
             notes.append("empty map on a photo: the signed map is negative everywhere")
         elif failed:
             notes.append(f"FAILED {', '.join(failed)}")
