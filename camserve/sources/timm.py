@@ -48,12 +48,11 @@ class TimmSource(Source):
         return load_weights(model, read_state_dict(directory / config.weights))
 
     def target_layer(self, model: nn.Module) -> str | None:
-        """The module of the last ``feature_info`` entry, or the first layer in it the head
-        reads (``feature_layers``): a ``ModuleList`` (never called itself) gives its last
-        block; a block whose patch tokens get no gradient (after it only the class token
-        reaches the head: ViT, DeiT, EVA, CoaT) or that returns a tuple (PiT) gives its last
-        ``norm1``; then the final ``norm``. The first whose output reads as a grid that gets
-        gradient is the layer; none: refused with the reason of each."""
+        """The first of ``head_input`` and ``feature_layers`` whose output reads as a grid
+        that gets gradient from the explained logit: the map the head reads when it is one,
+        else the last ``feature_info`` module, the last ``norm1`` inside it (after a ViT's
+        last block only the class token reaches the head; PiT's stage returns a tuple), the
+        final ``norm``. None of them: refused with the reason of each."""
         from camserve.grid import LAYOUTS, grid_tap
 
         candidates = list(dict.fromkeys([*head_input(model), *feature_layers(model)]))
@@ -291,9 +290,10 @@ def head_input(model: nn.Module) -> list[str]:
         for name, module in model.named_modules()
         if name
     ]
+    device = next(model.parameters(), torch.empty(0)).device
     try:
         with torch.no_grad():
-            features = forward_features(torch.zeros(1, 3, *_input_size(model)))
+            features = forward_features(torch.zeros(1, 3, *_input_size(model), device=device))
     except Exception:  # noqa: BLE001 - then feature_info alone decides
         return []
     finally:
@@ -387,9 +387,10 @@ def check_runs(model: nn.Module, name: str, size_given: bool) -> None:
     from camserve.architectures import first_line
 
     height, width = _input_size(model)
+    device = next(model.parameters(), torch.empty(0)).device
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, height, width))
+            model(torch.zeros(1, 3, height, width, device=device))
     except Exception as err:  # noqa: BLE001 - whatever the library raises becomes one line
         default = (get_pretrained_cfg_value(name, "input_size") or (3, height, width))[1:]
         hint = f"; give an --input-size it accepts (its default is {default[0]}x{default[1]})"
@@ -399,7 +400,9 @@ def check_runs(model: nn.Module, name: str, size_given: bool) -> None:
         ) from None
 
 
-def default_size_hint(timm, name, num_classes, model, state, input_size) -> None:
+def default_size_hint(
+    timm, name: str, num_classes: int, model: nn.Module, state: dict, input_size: tuple[int, int]
+) -> None:
     """Refuse weights that fit the model at its default input size but not at the given
     one (attention biases and relative position tables of LeViT, Swin... depend on it)."""
     import torch
