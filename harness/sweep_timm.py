@@ -14,9 +14,14 @@ zip of the model folder is replaced by a copy). The folder is loaded as the hand
 - ``layer``, ``layout``, ``grid`` ((h, w) at the input size), ``compensable``;
   ``finite``, ``nonzero`` (the top class's map), ``captum`` (the map equals Captum's
   LayerGradCam on the grid), ``score_in_range``, ``verified`` (the archive's
-  preprocessing check against ``timm.data.create_transform``), ``seconds``.
+  preprocessing check against ``timm.data.create_transform``), ``timm_grid`` (the
+  explained grid equals timm's own (N, C, h, w) map; None where not comparable),
+  ``signed_max`` (an empty map with a negative signed map is the random weights' answer),
+  ``reinitialised`` (all-zero weight matrices given random values), ``seconds``.
 
-Random weights, CPU, each model at its own default input size. Development-only:
+Random weights, CPU, one thread, each model at its own default input size; the parameter
+counts are kept next to ``--out`` (``.params.json``): counting all of timm takes ~10 min.
+Development-only:
 
     .venv/bin/python -m harness.sweep_timm --out /tmp/sweep.jsonl
     .venv/bin/python -m harness.sweep_timm --models resnet18,eva02_tiny_patch14_224
