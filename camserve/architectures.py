@@ -198,6 +198,7 @@ def _without_wrapper_prefixes(state: dict) -> dict:
 def load_weights(model: nn.Module, weights: str | Path | dict[str, torch.Tensor]) -> nn.Module:
     """Load a state_dict (a file, read by ``read_state_dict``, or a dict), strictly."""
     state = weights if isinstance(weights, dict) else read_state_dict(weights)
+    state = with_shared_tensors(model, state)
     problems = state_dict_mismatch(model, state)
     if problems:
         raise ValueError(
@@ -212,6 +213,24 @@ def load_weights(model: nn.Module, weights: str | Path | dict[str, torch.Tensor]
         state._metadata = model.state_dict()._metadata
     model.load_state_dict(state, strict=True)
     return model
+
+
+def with_shared_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> dict:
+    """``state`` with the names it lacks of a tensor the model holds under several names.
+
+    ``safetensors.torch.save_model`` (and the Hub's files) store a shared tensor once:
+    tied weights, or CoaT's position encodings shared by the blocks of a stage."""
+    names: dict[tuple, list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.device.type != "meta" and tensor.numel():
+            where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+            names.setdefault(where, []).append(name)
+    filled = dict(state)
+    for group in names.values():
+        present = next((n for n in group if n in state), None)
+        if present is not None:
+            filled.update({n: state[present] for n in group if n not in state})
+    return filled
 
 
 def state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:

@@ -4,9 +4,14 @@ The served archive holds the folder that ``timm.models.save_for_hf`` writes (``c
 with the architecture, its arguments and ``pretrained_cfg``; ``model.safetensors``), and a
 worker rebuilds it with ``timm.create_model("local-dir:...")``: nothing is downloaded.
 
-- The Grad-CAM layer is the module of timm's own ``feature_info`` (the last feature map),
-  except for ViT/DeiT: after their last block only the class token reaches the head, so the
-  layer is the last block's ``norm1`` (tokens after ``num_prefix_tokens`` prefix tokens).
+- The Grad-CAM layer is the first of these whose output reads as a grid that gets gradient
+  from the explained logit: the map ``forward_features`` returns when it is one (EfficientNet's
+  ``bn2``, Swin's ``norm``); the module of timm's own ``feature_info`` (the last feature
+  map); the last ``norm1`` inside it (ViT, DeiT, EVA: after their last block only the class
+  token reaches the head); the final ``norm``. The layout comes from ``output_fmt``,
+  ``feature_info``'s channel count and the input's grid (``TimmSource.layout``); a model
+  none of them fits is refused with the reason for each (``harness.sweep_timm`` checks one
+  model of every timm family).
 - The preprocessing is timm's data config (``resolve_data_config``: input size,
   interpolation, ``crop_pct``, ``crop_mode``, mean, std), which ``create_transform`` turns
   into a resize of the PIL image, a centre crop (offsets rounded) and a normalisation; the
@@ -21,7 +26,7 @@ from pathlib import Path
 
 from torch import nn
 
-from camserve.grid import NCHW, NHWC, token_layout
+from camserve.grid import NCHW, NHWC, grid_size, token_layout
 from camserve.sources import BuiltModel, FixedInput, Source
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
@@ -43,19 +48,47 @@ class TimmSource(Source):
         return load_weights(model, read_state_dict(directory / config.weights))
 
     def target_layer(self, model: nn.Module) -> str | None:
-        from timm.models.vision_transformer import VisionTransformer
+        """The first of ``head_input`` and ``feature_layers`` whose output reads as a grid
+        that gets gradient from the explained logit: the map the head reads when it is one,
+        else the last ``feature_info`` module, the last ``norm1`` inside it (after a ViT's
+        last block only the class token reaches the head; PiT's stage returns a tuple), the
+        final ``norm``. None of them: refused with the reason of each."""
+        from camserve.grid import LAYOUTS, grid_tap
 
-        if isinstance(model, VisionTransformer):
-            return f"blocks.{len(model.blocks) - 1}.norm1"
-        info = getattr(model, "feature_info", None)
-        return info[-1]["module"] if info else None
+        candidates = list(dict.fromkeys([*head_input(model), *feature_layers(model)]))
+        if not candidates:
+            return None
+        problems = []
+        for name in candidates:
+            try:
+                with grid_tap(model, name, _input_size(model)):
+                    return name
+            except ValueError as err:
+                problems.append(str(err).split(". ")[0])
+        raise ValueError(
+            f"cannot pick a target layer of timm's {type(model).__name__} automatically: "
+            f"{'; '.join(problems)}. Name one with --target-layer and its layout with "
+            f"--target-layout ({', '.join(LAYOUTS)})"
+        )
 
     def layout(self, model: nn.Module, layer_name: str, shape: tuple[int, ...]) -> str | None:
-        if len(shape) == 3 and hasattr(model, "num_prefix_tokens"):
-            return token_layout(int(model.num_prefix_tokens))
+        """Channels last when the model says ``output_fmt`` NHWC or its channel count
+        (``feature_info``'s ``num_chs``) is the last axis; tokens after ``num_prefix_tokens``
+        prefix tokens, else after none (CaiT and XCiT add the class token after the layer)
+        or one (CoaT has a class token but no ``num_prefix_tokens``): whichever gives the
+        input's grid."""
+        channels = _feature_channels(model)
         if len(shape) == 4:
-            # Swin and other channels-last timm models say so in output_fmt.
-            return NHWC if str(getattr(model, "output_fmt", "NCHW")) == "NHWC" else NCHW
+            nhwc = str(getattr(model, "output_fmt", "NCHW")) == "NHWC" or (
+                channels is not None and shape[1] != channels and shape[3] == channels
+            )
+            return NHWC if nhwc else NCHW
+        if len(shape) == 3 and channels in (None, shape[2]):
+            size = _input_size(model)
+            prefixes = (int(getattr(model, "num_prefix_tokens", 0) or 0), 0, 1)
+            for prefix in dict.fromkeys(prefixes):
+                if grid_size(token_layout(prefix), shape, size) is not None:
+                    return token_layout(prefix)
         return None
 
     def fixed_input(self, model: nn.Module) -> FixedInput | None:
@@ -100,7 +133,10 @@ class TimmSource(Source):
             name, pretrained=False, num_classes=num_classes, pretrained_cfg_overlay=overlay
         )
         mismatch_hint(model, state, input_size)
+        if input_size is not None:
+            default_size_hint(timm, name, num_classes, model, state, input_size)
         load_weights(model, state)
+        check_runs(model.eval(), name, input_size is not None)
         notes = [f"weights: {key} of the checkpoint"] if key else []
         return self._built(name, model, *self._imagenet_labels(model), notes)
 
@@ -111,6 +147,7 @@ class TimmSource(Source):
             load_weights,
             read_state_dict,
             state_dict_mismatch,
+            with_shared_tensors,
         )
 
         timm = self.require()
@@ -137,7 +174,7 @@ class TimmSource(Source):
             raise FileNotFoundError(
                 f"{directory} holds no weights ({', '.join(WEIGHT_FILES)}) next to config.json"
             )
-        state = read_state_dict(weights)
+        state = with_shared_tensors(model, read_state_dict(weights))
         problem = state_dict_mismatch(model, state)
         if problem:
             raise ValueError(
@@ -181,10 +218,15 @@ class TimmSource(Source):
         return ours
 
     def save(self, model: nn.Module, out_dir: Path, labels: list[str]) -> tuple[str, str]:
-        """timm's own folder layout: (weights file, config file) in ``out_dir``."""
-        from timm.models import save_for_hf
+        """timm's own folder layout: (weights file, config file) in ``out_dir``, as
+        ``timm.models.save_for_hf`` writes it, but with safetensors' ``save_model``: it
+        stores a tensor shared under several names once (CoaT), where ``save_file`` refuses."""
+        from safetensors.torch import save_model
+        from timm.models._hub import save_config_for_hf
 
-        save_for_hf(model, out_dir, model_config={"label_names": labels}, safe_serialization=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(out_dir / "model.safetensors"))
+        save_config_for_hf(model, out_dir / "config.json", model_config={"label_names": labels})
         return "model.safetensors", "config.json"
 
     def _check_name(self, timm, name: str) -> None:
@@ -229,6 +271,83 @@ class TimmSource(Source):
         )
 
 
+def head_input(model: nn.Module) -> list[str]:
+    """The module whose (N, C, h, w) or channels-last output ``forward_features`` returns,
+    the map ``forward_head`` reads: EfficientNet's ``bn2`` after its last convolution, which
+    ``feature_info`` leaves out; Swin's final ``norm``. Empty for token sequences (the
+    head may read the class token alone) and when a functional step (a reshape, a
+    concatenation) comes after the last module."""
+    import torch
+
+    forward_features = getattr(model, "forward_features", None)
+    if forward_features is None:
+        return []
+    finished: list[tuple[str, object]] = []
+    handles = [
+        module.register_forward_hook(
+            lambda module, inputs, output, name=name: finished.append((name, output))
+        )
+        for name, module in model.named_modules()
+        if name
+    ]
+    device = next(model.parameters(), torch.empty(0)).device
+    try:
+        with torch.no_grad():
+            features = forward_features(torch.zeros(1, 3, *_input_size(model), device=device))
+    except Exception:  # noqa: BLE001 - then feature_info alone decides
+        return []
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not isinstance(features, torch.Tensor) or features.dim() != 4:
+        # Tokens: the head may read the class token alone (ViT), or a 1-token sequence (PiT).
+        return []
+    names = [name for name, output in finished if output is features]
+    passing = (nn.Sequential, nn.ModuleList, nn.Identity)
+    preferred = [n for n in names if n in feature_layers(model)[:1]]
+    # Else the outermost module that does more than pass it on (bn2, not bn2.act nor stages).
+    modules = [n for n in names if not isinstance(model.get_submodule(n), passing)]
+    return preferred or modules[-1:]
+
+
+def feature_layers(model: nn.Module) -> list[str]:
+    """The Grad-CAM layers to try, in order: the last ``feature_info`` module (its last
+    block when it is a ``ModuleList``, which is never called itself), the last ``norm1``
+    inside it (the first norm of its last transformer block), then the model's final
+    ``norm``, whose tokens the head pools (MViTv2, whose stages return tuples)."""
+    info = getattr(model, "feature_info", None)
+    if not info:
+        return []
+    modules = dict(model.named_modules())
+    name = info[-1]["module"]
+    if name not in modules:
+        # A few models' feature_info misspells the module (Twins: "block.3" for "blocks.3").
+        close = difflib.get_close_matches(name, list(modules), n=1, cutoff=0.9)
+        name = close[0] if close else None
+    layers = []
+    if name is not None:
+        module = modules[name]
+        if isinstance(module, nn.ModuleList) and len(module):
+            name, module = f"{name}.{len(module) - 1}", module[-1]
+        norms = [n for n, m in module.named_modules() if n.rpartition(".")[2] == "norm1"]
+        layers = [name] + [f"{name}.{n}" for n in norms[-1:]]
+    final = modules.get("norm")
+    if final is not None and not isinstance(final, nn.Identity):
+        layers.append("norm")
+    return layers
+
+
+def _feature_channels(model: nn.Module) -> int | None:
+    info = getattr(model, "feature_info", None)
+    return int(info[-1]["num_chs"]) if info and info[-1].get("num_chs") else None
+
+
+def _input_size(model: nn.Module) -> tuple[int, int]:
+    """The input size the model was built for (its data config, --input-size included)."""
+    _, height, width = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    return int(height), int(width)
+
+
 def data_config_preprocessing(config: dict):
     """timm's ``transforms_imagenet_eval`` for a data config, as a ``Preprocessing``."""
     from timm.data import DEFAULT_CROP_PCT
@@ -256,6 +375,51 @@ def data_config_preprocessing(config: dict):
         interpolation=str_to_interp_mode(config["interpolation"]).value,
         keep_ratio=keep_ratio,
     )
+
+
+def check_runs(model: nn.Module, name: str, size_given: bool) -> None:
+    """Refuse, in one line, a model that does not run at its input size: window sizes,
+    attention biases or asserts fix the size of some families (Swin, LeViT, EfficientFormer),
+    and their error would otherwise surface as a traceback."""
+    import torch
+    from timm.models import get_pretrained_cfg_value
+
+    from camserve.architectures import first_line
+
+    height, width = _input_size(model)
+    device = next(model.parameters(), torch.empty(0)).device
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, height, width, device=device))
+    except Exception as err:  # noqa: BLE001 - whatever the library raises becomes one line
+        default = (get_pretrained_cfg_value(name, "input_size") or (3, height, width))[1:]
+        hint = f"; give an --input-size it accepts (its default is {default[0]}x{default[1]})"
+        raise ValueError(
+            f"timm's {name} does not run at input size {height}x{width} "
+            f"({type(err).__name__}: {first_line(err)}){hint if size_given else ''}"
+        ) from None
+
+
+def default_size_hint(
+    timm, name: str, num_classes: int, model: nn.Module, state: dict, input_size: tuple[int, int]
+) -> None:
+    """Refuse weights that fit the model at its default input size but not at the given
+    one (attention biases and relative position tables of LeViT, Swin... depend on it)."""
+    import torch
+
+    from camserve.architectures import state_dict_mismatch, with_shared_tensors
+
+    if state_dict_mismatch(model, with_shared_tensors(model, state)) is None:
+        return
+    with torch.device("meta"):
+        default = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if state_dict_mismatch(default, state) is None:
+        _, height, width = default.pretrained_cfg["input_size"]
+        raise ValueError(
+            f"the weights fit {name} at its default input size {height}x{width}, not at "
+            f"--input-size {'x'.join(map(str, input_size))}: some of its tensors depend on "
+            "the input size; drop --input-size"
+        )
 
 
 def mismatch_hint(model: nn.Module, state: dict, input_size: tuple[int, int] | None) -> None:
