@@ -198,19 +198,18 @@ def _without_wrapper_prefixes(state: dict) -> dict:
 def load_weights(model: nn.Module, weights: str | Path | dict[str, torch.Tensor]) -> nn.Module:
     """Load a state_dict (a file, read by ``read_state_dict``, or a dict), strictly."""
     state = weights if isinstance(weights, dict) else read_state_dict(weights)
-    state = with_shared_tensors(model, state)
+    # The per-module format versions torch.save keeps; safetensors and plain dicts carry
+    # none, which some modules refuse (torchvision's MNASNet): they get the model's own,
+    # those of the layout the keys and shapes are checked against below.
+    metadata = getattr(state, "_metadata", None) or model.state_dict()._metadata
+    state = OrderedDict(with_shared_tensors(model, state))
+    state._metadata = metadata
     problems = state_dict_mismatch(model, state)
     if problems:
         raise ValueError(
             f"{'the weights' if isinstance(weights, dict) else weights} do not match "
             f"{type(model).__name__}: {problems}"
         )
-    if getattr(state, "_metadata", None) is None:
-        # safetensors and plain dicts carry no per-module format versions, which some
-        # modules require (torchvision's MNASNet refuses a state_dict without one); the
-        # model's own are those of the layout the keys and shapes were just checked against.
-        state = OrderedDict(state)
-        state._metadata = model.state_dict()._metadata
     model.load_state_dict(state, strict=True)
     return model
 
