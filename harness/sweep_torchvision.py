@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from harness.sweep_transformers import Row, check_explanations, one_line, verdict
+from harness.sweep_transformers import Row, check_explanations, one_line, summary_line
 
 LABELS = ["cat", "dog", "bird"]
 SIZES = {"inception_v3": 299, "alexnet": 224}  # alexnet: 64 gives a 1x1 map
@@ -109,13 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         with tempfile.TemporaryDirectory(prefix="camserve-sweep-") as work:
             row = run_case(name, Path(work))
-        detail = (
-            f"{row.layer} {row.layout} compensable={row.compensable} "
-            f"captum={row.captum_difference:.1e}"
-            if row.status == "archived"
-            else row.message
-        )
-        print(f"{name:22} {verdict(row):28} {row.seconds:5.1f}s  {detail}", flush=True)
+        print(summary_line(row, width=22), flush=True)
     return 0
 
 

@@ -346,6 +346,17 @@ def verdict(row: Row) -> str:
     return "archived" + (f" BUT {', '.join(failed)} FAILED" if failed else "")
 
 
+def summary_line(row: Row, width: int = 24) -> str:
+    """The printed line of a row: the case, the verdict, the time, the layer or the refusal."""
+    detail = (
+        f"{row.layer} {row.layout} compensable={row.compensable} "
+        f"captum={row.captum_difference:.1e} {row.preprocessing}"
+        if row.status == "archived"
+        else row.message
+    )
+    return f"{row.case:{width}} {verdict(row):28} {row.seconds:5.1f}s  {detail}".rstrip()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated cases or model types")
@@ -367,13 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="camserve-sweep-") as work:
             row = run_case(case, model_type, extra, Path(work))
         rows.append(row)
-        detail = (
-            f"{row.layer} {row.layout} compensable={row.compensable} "
-            f"captum={row.captum_difference:.1e} {row.preprocessing}"
-            if row.status == "archived"
-            else row.message
-        )
-        print(f"{case:24} {verdict(row):28} {row.seconds:5.1f}s  {detail}", flush=True)
+        print(summary_line(row), flush=True)
         if args.tracebacks and row.notes:
             print(row.notes[-1])
     if args.json:
