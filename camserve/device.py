@@ -33,6 +33,12 @@ def model_device(model: nn.Module) -> torch.device:
     return CPU if tensor is None else tensor.device
 
 
+def blank_input(model: nn.Module, input_size: tuple[int, int]) -> Tensor:
+    """An all-zero (1, 3, H, W) batch on the model's device, for the passes that only trace
+    the model (which modules run, their output shapes)."""
+    return torch.zeros(1, 3, *input_size, device=model_device(model))
+
+
 def to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
     """The tensors on the CPU, copied in one transfer (one device sync, not one per tensor).
 

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from camserve.device import blank_input
+
 NCHW = "nchw"
 NHWC = "nhwc"
 TOKENS = "tokens"
@@ -210,7 +212,7 @@ def output_shape(model: nn.Module, layer_name: str, input_size: tuple[int, int])
     )
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, *input_size))
+            model(blank_input(model, input_size))
     finally:
         handle.remove()
     if not seen or seen[-1] is None:

@@ -22,11 +22,14 @@ output token sequences is not guessed at: name its layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from camserve.device import blank_input
 from camserve.grid import LAYOUTS, read_layout
 
 
@@ -52,6 +55,24 @@ def _mixes_channels(module: nn.Module) -> bool:
     return any(parameter.dim() >= 2 for parameter in module.parameters(recurse=False))
 
 
+@contextmanager
+def hooks_on_every_module(
+    model: nn.Module, make_hook: Callable[[str], Callable], root: bool = False
+) -> Iterator[None]:
+    """``make_hook(name)`` as the forward hook of every named module (and of the root, named
+    "", with ``root``) while the block runs."""
+    handles = [
+        module.register_forward_hook(make_hook(name))
+        for name, module in model.named_modules()
+        if root or name
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def trace_outputs(model: nn.Module, input_size: tuple[int, int]) -> list[LayerOutput]:
     """Every named module whose output is a tensor, in the order the modules finished."""
     finished: dict[str, tuple[int, tuple[int, ...]]] = {}
@@ -65,29 +86,18 @@ def trace_outputs(model: nn.Module, input_size: tuple[int, int]) -> list[LayerOu
 
         return record
 
-    handles = [
-        module.register_forward_hook(hook(name))
-        for name, module in model.named_modules()
-        if name  # the root's output is the logits, never a candidate
-    ]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, *input_size))
+        # Not the root: its output is the logits, never a candidate.
+        with hooks_on_every_module(model, hook), torch.no_grad():
+            model(blank_input(model, input_size))
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
+    modules = dict(model.named_modules())
     return sorted(
         (
-            LayerOutput(
-                name,
-                shape,
-                has_conv(model.get_submodule(name)),
-                order,
-                _mixes_channels(model.get_submodule(name)),
-            )
+            LayerOutput(name, shape, has_conv(modules[name]), order, _mixes_channels(modules[name]))
             for name, (order, shape) in finished.items()
         ),
         key=lambda layer: layer.finished,

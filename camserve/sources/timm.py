@@ -279,26 +279,22 @@ def head_input(model: nn.Module) -> list[str]:
     concatenation) comes after the last module."""
     import torch
 
+    from camserve.device import blank_input
+    from camserve.layers import hooks_on_every_module
+
     forward_features = getattr(model, "forward_features", None)
     if forward_features is None:
         return []
     finished: list[tuple[str, object]] = []
-    handles = [
-        module.register_forward_hook(
-            lambda module, inputs, output, name=name: finished.append((name, output))
-        )
-        for name, module in model.named_modules()
-        if name
-    ]
-    device = next(model.parameters(), torch.empty(0)).device
+
+    def record(name: str):
+        return lambda module, inputs, output: finished.append((name, output))
+
     try:
-        with torch.no_grad():
-            features = forward_features(torch.zeros(1, 3, *_input_size(model), device=device))
+        with hooks_on_every_module(model, record), torch.no_grad():
+            features = forward_features(blank_input(model, _input_size(model)))
     except Exception:  # noqa: BLE001 - then feature_info alone decides
         return []
-    finally:
-        for handle in handles:
-            handle.remove()
     if not isinstance(features, torch.Tensor) or features.dim() != 4:
         # Tokens: the head may read the class token alone (ViT), or a 1-token sequence (PiT).
         return []
@@ -385,12 +381,12 @@ def check_runs(model: nn.Module, name: str, size_given: bool) -> None:
     from timm.models import get_pretrained_cfg_value
 
     from camserve.architectures import first_line
+    from camserve.device import blank_input
 
     height, width = _input_size(model)
-    device = next(model.parameters(), torch.empty(0)).device
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, height, width, device=device))
+            model(blank_input(model, (height, width)))
     except Exception as err:  # noqa: BLE001 - whatever the library raises becomes one line
         default = (get_pretrained_cfg_value(name, "input_size") or (3, height, width))[1:]
         hint = f"; give an --input-size it accepts (its default is {default[0]}x{default[1]})"

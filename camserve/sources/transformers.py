@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from camserve.architectures import first_line
+from camserve.device import blank_input, model_device
 from camserve.grid import NCHW, grid_size, token_layout
-from camserve.layers import has_conv
+from camserve.layers import has_conv, hooks_on_every_module
 from camserve.sources import BuiltModel, FixedInput, Source
 
 # model_type -> tokens before the patch tokens (class, distillation), for the token families;
@@ -238,7 +239,7 @@ def _check_runs_at(model: nn.Module, class_name: str, size: tuple[int, int]) -> 
     embeddings for another size: PVT, SigLIP, CLIP...), before the library's error would."""
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, *size, device=_device(model)))
+            model(blank_input(model, size))
     except (RuntimeError, ValueError) as err:
         built_for = "x".join(str(side) for side in _config_size(model.config))
         raise ValueError(
@@ -246,10 +247,6 @@ def _check_runs_at(model: nn.Module, class_name: str, size: tuple[int, int]) -> 
             f"({first_line(err)}); its config.json says {built_for}: save the processor that "
             "makes the input the model was trained at"
         ) from None
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _config_size(config) -> tuple[int, int]:
@@ -307,29 +304,22 @@ def _token_layer(model: nn.Module) -> str | None:
 
         return hook
 
-    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
     # The input carries the gradient, so that frozen weights change nothing.
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
-    x = x.to(_device(model)).requires_grad_()
-    try:
-        with torch.enable_grad():
-            logits = model(x)  # the served model gives the logits; a fresh one its output
-            logits = logits if isinstance(logits, torch.Tensor) else logits.logits
-            explained = logits.gather(1, logits.argmax(dim=1, keepdim=True)).sum()
-            grids = [
-                (order, name, output)
-                for name, (order, output) in outputs.items()
-                if output.requires_grad and grid_size(layout, tuple(output.shape), size) is not None
-            ]
-            if not grids:
-                return None
-            grids.sort(key=lambda item: item[0])
-            gradients = torch.autograd.grad(
-                explained, [item[2] for item in grids], allow_unused=True
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
+    x = x.to(model_device(model)).requires_grad_()
+    with hooks_on_every_module(model, record), torch.enable_grad():
+        logits = model(x)  # the served model gives the logits; a fresh one its output
+        logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+        explained = logits.gather(1, logits.argmax(dim=1, keepdim=True)).sum()
+        grids = [
+            (order, name, output)
+            for name, (order, output) in outputs.items()
+            if output.requires_grad and grid_size(layout, tuple(output.shape), size) is not None
+        ]
+        if not grids:
+            return None
+        grids.sort(key=lambda item: item[0])
+        gradients = torch.autograd.grad(explained, [item[2] for item in grids], allow_unused=True)
     # The sequences the logit depends on (not, e.g., SigLIP's attention-pooling head, which
     # runs but feeds nothing the classifier reads); the last one's length is the final stage's.
     used = [
@@ -389,13 +379,8 @@ def _pooled_map(model: nn.Module) -> str | None:
 
         return hook
 
-    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, *size, device=_device(model)))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_on_every_module(model, record), torch.no_grad():
+        model(blank_input(model, size))
     if not pooled or pooled[-1][1] != maps:  # a feature map after the last global pool
         return None
     sources = [name for name, output in produced if output is pooled[-1][0]]

@@ -26,12 +26,14 @@ import camserve
 from camserve.architectures import (
     build_model,
     check_input_size,
+    first_line,
     imagenet_categories,
     infer_num_classes,
     load_weights,
     read_state_dict,
 )
 from camserve.compensation import probe_compensable
+from camserve.device import blank_input
 from camserve.explainer import DEFAULT_PRESENCE_THRESHOLD, ExplainerConfig, presence_thresholds
 from camserve.labels import check_presence_threshold, load_label_thresholds, load_labels
 from camserve.layers import auto_target_layer, check_target_layer
@@ -395,11 +397,11 @@ def blank_logits(model: torch.nn.Module, size: tuple[int, int]) -> torch.Tensor:
     shape = (1, 3, *size)
     try:
         with torch.no_grad():
-            outputs = model(torch.zeros(shape))
+            outputs = model(blank_input(model, size))
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
-            f"the model cannot run on an RGB image batch of shape {shape}: {first}. camserve "
+            f"the model cannot run on an RGB image batch of shape {shape}: "
+            f"{first_line(error)}. camserve "
             "feeds 3-channel RGB images at the input size: check --input-size; a grayscale "
             "model needs a first convolution with 3 input channels (its weight divided by 3 "
             "on each computes the same on grey images)"

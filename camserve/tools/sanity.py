@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from camserve.device import model_device
+from camserve.device import blank_input, model_device
 from camserve.encode_png import upsample
 from camserve.explainer import Explainer, PreparedImage
 from camserve.grid import GridLayer
+from camserve.layers import hooks_on_every_module
 from camserve.maps import grad_cam
 from camserve.request import RequestOptions
 from camserve.sanity import FAILED, PASSED, SanityResult, SanityStep, Spread
@@ -89,13 +90,8 @@ def _finish_order(model: nn.Module, input_size: tuple[int, int]) -> dict[str, in
     def hook(name: str):
         return lambda module, inputs, output: finished.__setitem__(name, next(counter))
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, *input_size, device=model_device(model)))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_on_every_module(model, hook, root=True), torch.no_grad():
+        model(blank_input(model, input_size))
     return finished
 
 
